@@ -1,0 +1,87 @@
+"""The base of every method config: frozen, validated at construction, with targeting fields.
+
+A method's config subclasses :class:`AdapterConfig`, adds its own fields and validates them in
+``__post_init__`` (calling ``super().__post_init__()``). Lists given by users are stored as tuples so the
+config stays immutable.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping, Sequence
+
+from .errors import require
+
+ALL_LINEAR = "all-linear"
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(value)
+    if isinstance(value, dict):
+        return dict(value)
+    return value
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """Where an adapter goes. Every method config inherits these fields.
+
+    Attributes:
+        targets: ``"all-linear"`` (every Linear / GPT-2 Conv1D except the output head), a regular expression
+            that must match a whole module name, or a sequence of names each matching a module whose full name
+            equals it or ends with ``"." + name`` (PEFT's rule).
+        exclude: modules to leave alone, with the same rules as ``targets`` (``"all-linear"`` not allowed).
+    """
+
+    method: ClassVar[str] = ""
+
+    targets: str | Sequence[str] = ALL_LINEAR
+    exclude: str | Sequence[str] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("targets", "exclude"):
+            object.__setattr__(self, name, _freeze(getattr(self, name)))
+        require(isinstance(self.targets, (str, tuple)), "targets", self.targets, "must be a string or a list of names")
+        require(len(self.targets) > 0, "targets", self.targets, "must name at least one module")
+        if isinstance(self.targets, str) and self.targets != ALL_LINEAR:
+            _check_regex("targets", self.targets)
+        require(isinstance(self.exclude, (str, tuple)), "exclude", self.exclude, "must be a string or a list of names")
+        require(self.exclude != ALL_LINEAR, "exclude", self.exclude, "cannot be 'all-linear'")
+        if isinstance(self.exclude, str) and self.exclude:
+            _check_regex("exclude", self.exclude)
+        for name in ("targets", "exclude"):
+            value = getattr(self, name)
+            if isinstance(value, tuple):
+                require(all(isinstance(v, str) and v for v in value), name, value, "entries must be non-empty strings")
+
+    def for_module(self, module_name: str) -> "AdapterConfig":
+        """The config that applies to one module (per-module patterns override fields here)."""
+        return self
+
+    def replace(self, **changes: Any) -> "AdapterConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict of the fields (tuples as lists)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+
+def _check_regex(field: str, pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        require(False, field, pattern, f"is not a valid regular expression ({exc})")
+
+
+def pattern_value(patterns: Mapping[str, Any], module_name: str, default: Any) -> Any:
+    """Value of the first pattern whose regex matches the end of ``module_name`` at a dot boundary (PEFT's rule)."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?(?:{key})$", module_name):
+            return value
+    return default

@@ -1,0 +1,237 @@
+"""The public operations on a model: add, activate, route, merge, unload and delete adapters.
+
+Adapters live in :class:`~lorakit.hosts.host.HostLayer` modules that replace the targeted layers in place, so
+any model (transformers or plain PyTorch) keeps its own class and code. The model remembers each adapter's
+config in ``model._lorakit_configs``.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .config import AdapterConfig
+from .errors import LorakitError, require
+from .hosts.host import HostLayer
+from .methods.base import METHODS, Adapter
+from .routing.rows import RowRouting
+from .targeting import find_targets
+
+
+def configs(model: nn.Module) -> dict[str, AdapterConfig]:
+    """The adapters on ``model``: name -> config (empty when none)."""
+    return model.__dict__.setdefault("_lorakit_configs", {})
+
+
+def hosts(model: nn.Module) -> Iterator[HostLayer]:
+    for module in model.modules():
+        if isinstance(module, HostLayer):
+            yield module
+
+
+def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, child, new)
+
+
+def _check_names(model: nn.Module, names: Sequence[str]) -> None:
+    known = configs(model)
+    for name in names:
+        if name not in known:
+            raise LorakitError(f"unknown adapter {name!r}; this model has: {sorted(known) or 'none'}")
+
+
+def _build(host: HostLayer, config: AdapterConfig, path: str) -> Adapter:
+    adapter_cls, _ = METHODS.get(config.method)
+    kind = host.geometry.kind
+    if kind not in adapter_cls.capabilities.layers:
+        raise LorakitError(
+            f"method {config.method!r} does not support {kind} layers ({path!r} is a "
+            f"{type(host.base_layer).__name__}); it supports: {sorted(adapter_cls.capabilities.layers)}"
+        )
+    return adapter_cls(host.geometry, config.for_module(path), host.backend)
+
+
+def adapt(
+    model: nn.Module,
+    config: AdapterConfig,
+    name: str = "default",
+    *,
+    activate: bool = True,
+    freeze_base: bool = True,
+    dtype: torch.dtype | None = None,
+) -> nn.Module:
+    """Add adapter ``name`` (method and targets from ``config``) to ``model`` in place and return the model.
+
+    Args:
+        activate: make ``name`` the only active adapter.
+        freeze_base: mark every parameter that no adapter declares trainable as frozen.
+        dtype: dtype of the adapter's tensors (default: the base weight's dtype; e.g. ``torch.float32`` to keep
+            adapters of a bf16 model in full precision).
+    """
+    require(isinstance(config, AdapterConfig) and bool(config.method), "config", type(config).__name__,
+            f"must be a registered method's config; methods: {', '.join(METHODS.names())}")
+    require(isinstance(name, str) and name.isidentifier(), "name", name, "must be a Python identifier")
+    if name in configs(model):
+        raise LorakitError(f"adapter {name!r} already exists on this model; delete it first or pick another name")
+    targets = find_targets(model, config)
+    built: list[tuple[HostLayer, Adapter]] = []
+    for path, module in targets:  # build everything first: a failure leaves the model untouched
+        host = module if isinstance(module, HostLayer) else HostLayer(module, path)
+        adapter = _build(host, config, path)
+        if dtype is not None:
+            adapter.to(dtype)
+        built.append((host, adapter))
+    for (path, module), (host, adapter) in zip(targets, built):
+        if host is not module:
+            _replace(model, path, host)
+        host.add(name, adapter)
+    configs(model)[name] = config
+    if activate:
+        set_active(model, name)
+    if freeze_base:
+        _freeze_all_but_adapters(model)
+    return model
+
+
+def _freeze_all_but_adapters(model: nn.Module) -> None:
+    model.requires_grad_(False)
+    for host in hosts(model):
+        for adapter in host.adapters.values():
+            for p in adapter.trainable().values():
+                p.requires_grad_(True)
+
+
+def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
+    """Activate ``names`` (one adapter, or several whose contributions are summed)."""
+    names = (names,) if isinstance(names, str) else tuple(names)
+    _check_names(model, names)
+    for host in hosts(model):
+        host.active = tuple(n for n in names if n in host.adapters)
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    seen: dict[str, None] = {}
+    for host in hosts(model):
+        seen.update(dict.fromkeys(host.active))
+    return list(seen)
+
+
+class _Switch(contextlib.AbstractContextManager):
+    """Applies a change now; used as a context manager, restores the previous state on exit."""
+
+    def __init__(self, model: nn.Module, disabled: bool) -> None:
+        self._previous = [(h, h.disabled) for h in hosts(model)]
+        for host, _ in self._previous:
+            host.disabled = disabled
+
+    def __exit__(self, *exc: object) -> None:
+        for host, state in self._previous:
+            host.disabled = state
+
+
+def disable(model: nn.Module) -> _Switch:
+    """Run the base model (``with lorakit.disable(model): ...`` restores adapters afterwards)."""
+    return _Switch(model, True)
+
+
+def enable(model: nn.Module) -> _Switch:
+    """Re-enable adapters (also usable as a context manager)."""
+    return _Switch(model, False)
+
+
+@contextlib.contextmanager
+def route(model: nn.Module, names: Sequence[str | None]) -> Iterator[RowRouting]:
+    """Within the block, row ``i`` of every batch uses adapter ``names[i]`` (``None``: the base model).
+
+    Works in training too: each adapter receives gradients from its own rows only.
+    """
+    _check_names(model, [n for n in names if n is not None])
+    routing = RowRouting(names)
+    layers = list(hosts(model))
+    previous = [h.routing for h in layers]
+    for host in layers:
+        host.routing = routing
+    try:
+        yield routing
+    finally:
+        for host, old in zip(layers, previous):
+            host.routing = old
+
+
+def merge(model: nn.Module, names: str | Sequence[str] | None = None) -> None:
+    """Fold adapters (default: the active ones) into the base weights."""
+    names = tuple(active_adapters(model)) if names is None else ((names,) if isinstance(names, str) else tuple(names))
+    _check_names(model, names)
+    for host in hosts(model):
+        host.merge(tuple(n for n in names if n in host.adapters))
+
+
+def unmerge(model: nn.Module) -> None:
+    """Restore the base weights of every layer that has merged adapters."""
+    for host in hosts(model):
+        host.unmerge()
+
+
+def unload(model: nn.Module, *, merge_active: bool = False) -> nn.Module:
+    """Remove every host layer, putting the original modules back (after merging the active adapters if asked)."""
+    if merge_active:
+        merge(model)
+    for host in list(hosts(model)):
+        if not merge_active:
+            host.unmerge()
+        _replace(model, host.path, host.base_layer)
+    configs(model).clear()
+    return model
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name``; layers left without adapters get their original module back."""
+    _check_names(model, [name])
+    for host in list(hosts(model)):
+        if name in host.adapters:
+            host.remove(name)
+            if not host.adapters:
+                _replace(model, host.path, host.base_layer)
+    del configs(model)[name]
+
+
+def trainable_parameters(model: nn.Module, name: str | None = None) -> dict[str, nn.Parameter]:
+    """Declared trainable tensors of every adapter (or of adapter ``name``), by their name in ``model``."""
+    if name is not None:
+        _check_names(model, [name])
+    out: dict[str, nn.Parameter] = {}
+    for host in hosts(model):
+        for adapter_name, adapter in host.adapters.items():
+            if name is None or adapter_name == name:
+                for key, p in adapter.trainable().items():
+                    out[f"{host.path}.adapters.{adapter_name}.{key}"] = p
+    return out
+
+
+@dataclass(frozen=True)
+class TargetInfo:
+    """One row of :func:`inspect_targets`: a layer that would be adapted."""
+
+    path: str
+    layer: str
+    kind: str
+    shape: tuple[int, ...]
+    trainable: int
+
+
+def inspect_targets(model: nn.Module, config: AdapterConfig) -> list[TargetInfo]:
+    """Dry run of :func:`adapt`: what would be adapted and how many trainable parameters each layer gets."""
+    rows = []
+    for path, module in find_targets(model, config):
+        host = module if isinstance(module, HostLayer) else HostLayer(module, path)
+        adapter = _build(host, config, path)
+        rows.append(TargetInfo(path, type(host.base_layer).__name__, host.geometry.kind,
+                               tuple(host.backend.weight().shape),
+                               sum(p.numel() for p in adapter.trainable().values())))
+    return rows
+

@@ -1,0 +1,152 @@
+"""Save and load adapters in PEFT's on-disk format.
+
+A directory holds ``adapter_config.json`` (PEFT's ``LoraConfig`` fields for methods PEFT has) and
+``adapter_model.safetensors`` with PEFT's keys, ``base_model.model.<module path>.<tensor>`` (e.g.
+``...q_proj.lora_A.weight``, ``...q_proj.lora_magnitude_vector``). The safetensors metadata also records the
+lorakit method and its full config, so lorakit-only details (e.g. LoRA-FA's frozen ``A``) round-trip.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import AdapterConfig
+from ..errors import AdapterFileError, LorakitError
+from ..hosts.geometry import is_transposed
+from ..inject import adapt, configs, delete_adapter, hosts
+from ..methods.base import METHODS
+from ..targeting import candidate_modules
+from .files import PICKLE_SUFFIXES, read_json, read_safetensors, write_json, write_safetensors
+from .peft_lora import from_peft, to_peft
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+
+def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """PEFT-keyed state of adapter ``name``: ``base_model.model.<path>.<tensor>``."""
+    out: dict[str, torch.Tensor] = {}
+    for host in hosts(model):
+        if name in host.adapters:
+            for key, value in host.adapters[name].state_dict().items():
+                out[f"{PREFIX}{host.path}.{key}"] = value
+    return out
+
+
+def _target_modules(model: nn.Module, paths: list[str]) -> list[str] | str:
+    """PEFT ``target_modules`` selecting exactly ``paths``: leaf names when they are unambiguous, else a regex."""
+    leaves = {p.rsplit(".", 1)[-1] for p in paths}
+    chosen = set(paths)
+    same_leaf = {p for p, _ in candidate_modules(model) if p and p.rsplit(".", 1)[-1] in leaves}
+    if same_leaf == chosen:
+        return sorted(leaves)
+    return "(?:" + "|".join(re.escape(p) for p in sorted(paths)) + ")"
+
+
+def save_adapter(model: nn.Module, directory: str | Path, name: str = "default") -> Path:
+    """Write adapter ``name`` of ``model`` to ``directory`` in PEFT's format (atomic writes)."""
+    known = configs(model)
+    if name not in known:
+        raise LorakitError(f"unknown adapter {name!r}; this model has: {sorted(known) or 'none'}")
+    config = known[name]
+    layers = [h for h in hosts(model) if name in h.adapters]
+    if any(name in h.merged for h in layers):
+        raise LorakitError(f"adapter {name!r} is merged; unmerge before saving so the file holds its own tensors")
+    paths = [h.path for h in layers]
+    base_name = getattr(getattr(model, "config", None), "name_or_path", None) or None
+    peft = to_peft(config, _target_modules(model, paths), any(is_transposed(h.base_layer) for h in layers), base_name)
+    directory = Path(directory)
+    metadata = {"format": "pt", "lorakit_method": config.method, "lorakit_config": json.dumps(config.to_dict())}
+    write_safetensors(directory / WEIGHTS_FILE, adapter_tensors(model, name), metadata)
+    write_json(directory / CONFIG_FILE, peft or {"peft_type": None, "lorakit_method": config.method,
+                                                  **config.to_dict()})
+    return directory
+
+
+def _config_from_files(directory: Path, metadata: dict[str, str]) -> AdapterConfig:
+    if "lorakit_method" in metadata:
+        _, config_cls = METHODS.get(metadata["lorakit_method"])
+        fields = json.loads(metadata.get("lorakit_config", "{}"))
+        known = {f.name for f in dataclasses.fields(config_cls)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            warnings.warn(f"{directory}: ignoring unknown {config_cls.__name__} fields {unknown}", stacklevel=3)
+        return config_cls(**{k: v for k, v in fields.items() if k in known})
+    return from_peft(read_json(directory / CONFIG_FILE), str(directory / CONFIG_FILE))
+
+
+def _module_paths(tensors: dict[str, Any], directory: Path, model: nn.Module) -> list[str]:
+    """Module paths named by the file's keys, checked against the model."""
+    present = {p for p, _ in candidate_modules(model)}
+    paths: dict[str, None] = {}
+    for key in tensors:
+        if not key.startswith(PREFIX):
+            raise AdapterFileError(f"{directory / WEIGHTS_FILE}: key {key!r} does not start with {PREFIX!r}")
+        rest = key[len(PREFIX):]
+        path = next((p for p in _prefixes(rest) if p in present), None)
+        if path is None:
+            raise AdapterFileError(f"{directory / WEIGHTS_FILE}: key {key!r} names no module of this model")
+        paths[path] = None
+    if not paths:
+        raise AdapterFileError(f"{directory / WEIGHTS_FILE} holds no tensors")
+    return list(paths)
+
+
+def _prefixes(key: str) -> list[str]:
+    """``a.b.c.lora_A.weight`` -> ``["a.b.c.lora_A", "a.b.c", "a.b", "a"]`` (longest first, drop the leaf)."""
+    parts = key.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)]
+
+
+def load_adapter(model: nn.Module, directory: str | Path, name: str = "default", *, activate: bool = True,
+                 dtype: torch.dtype | None = None) -> nn.Module:
+    """Load a PEFT-format adapter directory (from lorakit or PEFT) into ``model`` as adapter ``name``."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise AdapterFileError(f"{directory} is not a directory holding {CONFIG_FILE} and {WEIGHTS_FILE}")
+    if not (directory / WEIGHTS_FILE).exists():
+        pickles = [p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES]
+        hint = f"; found pickle files {pickles}, which lorakit refuses to read" if pickles else ""
+        raise AdapterFileError(f"{directory} has no {WEIGHTS_FILE}{hint}")
+    tensors, metadata = read_safetensors(directory / WEIGHTS_FILE)
+    config = _config_from_files(directory, metadata)
+    paths = _module_paths(tensors, directory, model)
+    exact = "(?:" + "|".join(re.escape(p) for p in paths) + ")"
+    adapt(model, config.replace(targets=exact, exclude=()), name, activate=activate, dtype=dtype)
+    try:
+        _fill(model, name, tensors, directory / WEIGHTS_FILE)
+    except BaseException:
+        delete_adapter(model, name)
+        raise
+    configs(model)[name] = config
+    return model
+
+
+def _fill(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], source: Path) -> None:
+    expected: dict[str, torch.Tensor] = {}
+    for host in hosts(model):
+        if name in host.adapters:
+            for key, param in host.adapters[name].state_dict(keep_vars=True).items():
+                expected[f"{PREFIX}{host.path}.{key}"] = param
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise AdapterFileError(f"{source}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+    with torch.no_grad():
+        for key, param in expected.items():
+            value = tensors[key]
+            if value.shape != param.shape:
+                raise AdapterFileError(
+                    f"{source}: {key} has shape {tuple(value.shape)}, the model expects {tuple(param.shape)}"
+                )
+            if not value.is_floating_point():
+                raise AdapterFileError(f"{source}: {key} has dtype {value.dtype}; adapter tensors are floating point")
+            param.copy_(value.to(param.dtype))

@@ -1,0 +1,1 @@
+"""Fused autograd functions for the hot paths (pure PyTorch, device-agnostic)."""

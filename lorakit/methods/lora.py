@@ -1,0 +1,199 @@
+"""LoRA (Hu et al., 2021), rsLoRA scaling (Kalajdzievski, 2023) and LoRA-FA / FFA-LoRA (frozen ``A``).
+
+    h = W0 x + s * B A x,      s = alpha / r   (rsLoRA: s = alpha / sqrt(r))
+
+``A`` is ``(r, d_in)`` (``(r, d_in, *kernel)`` on convolutions), ``B`` is ``(d_out, r)``; ``B = 0`` at init
+so the adapted model starts as the base model. LoRA-FA (Zhang et al., 2023) and FFA-LoRA (Sun et al., 2024,
+METHODS.md entry 61) keep the random ``A`` frozen and train only ``B``: the same forward, a different
+declared trainable set.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from ..config import AdapterConfig, pattern_value
+from ..errors import require
+from ..hosts.backend import DenseBackend
+from ..hosts.geometry import Geometry, LinearGeometry
+from ..kernels.lora_linear import lora_linear
+from .base import Adapter, Capabilities, register_method
+
+LORA_INITS = ("kaiming", "gaussian", "random")
+
+
+@dataclass(frozen=True)
+class LoraConfig(AdapterConfig):
+    """Config of a LoRA adapter (field names follow PEFT where PEFT has the same thing).
+
+    Attributes:
+        r: rank.
+        alpha: scale numerator; the update is multiplied by ``alpha / r`` (or ``alpha / sqrt(r)``).
+        dropout: dropout probability on the adapter's input.
+        use_rslora: scale by ``alpha / sqrt(r)`` (rsLoRA).
+        init: ``"kaiming"`` (PEFT's default: Kaiming-uniform ``A``, zero ``B``), ``"gaussian"`` (``A ~ N(0, 1/r)``,
+            zero ``B``) or ``"random"`` (both random: not identity at init; for tests and experiments).
+        lora_bias: give ``B`` a trainable bias (PEFT's ``lora_bias``).
+        rank_pattern / alpha_pattern: per-module ``r`` / ``alpha`` by regex on the module name (PEFT's rule).
+    """
+
+    r: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    use_rslora: bool = False
+    init: str = "kaiming"
+    lora_bias: bool = False
+    rank_pattern: Mapping[str, int] = field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(isinstance(self.r, int) and self.r >= 1, "r", self.r, "must be a positive integer")
+        require(isinstance(self.alpha, (int, float)) and self.alpha > 0, "alpha", self.alpha, "must be > 0")
+        require(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "must be in [0, 1)")
+        require(self.init in LORA_INITS, "init", self.init, f"must be one of {', '.join(LORA_INITS)}")
+        for key, r in self.rank_pattern.items():
+            require(isinstance(r, int) and r >= 1, f"rank_pattern[{key!r}]", r, "must be a positive integer")
+        for key, a in self.alpha_pattern.items():
+            require(isinstance(a, (int, float)) and a > 0, f"alpha_pattern[{key!r}]", a, "must be > 0")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def for_module(self, module_name: str) -> "LoraConfig":
+        r = pattern_value(self.rank_pattern, module_name, self.r)
+        alpha = pattern_value(self.alpha_pattern, module_name, self.alpha)
+        if r == self.r and alpha == self.alpha:
+            return self
+        return self.replace(r=r, alpha=alpha, rank_pattern={}, alpha_pattern={})
+
+
+@dataclass(frozen=True)
+class LoraFAConfig(LoraConfig):
+    """LoRA-FA / FFA-LoRA: LoRA with the random down-projection ``A`` frozen."""
+
+
+class _Factor(nn.Module):
+    """Holds one factor as ``.weight`` (and optionally ``.bias``) so state-dict keys read ``lora_A.weight``."""
+
+    def __init__(self, shape: tuple[int, ...], bias_size: int | None = None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(shape))
+        self.bias = nn.Parameter(torch.zeros(bias_size)) if bias_size is not None else None
+
+
+@register_method("lora", LoraConfig)
+class Lora(Adapter):
+    """``delta(x) = s * B A dropout(x)``; never forms ``B A`` in the forward pass."""
+
+    capabilities = Capabilities(factorable=True)
+    train_a = True
+
+    def __init__(self, geometry: Geometry, config: LoraConfig, base: DenseBackend) -> None:
+        super().__init__(geometry, config, base)
+        require(not (config.lora_bias and geometry.kind == "embedding"), "lora_bias", True,
+                "is not supported on embedding layers")
+        self.scale = config.scale
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        a_shape, b_shape = geometry.down_shape(config.r), geometry.up_shape(config.r)
+        if geometry.kind == "embedding":  # PEFT's names and parameter layout for embeddings
+            self.lora_embedding_A = nn.Parameter(torch.empty(a_shape))
+            self.lora_embedding_B = nn.Parameter(torch.empty(b_shape))
+        else:
+            self.lora_A = _Factor(a_shape)
+            self.lora_B = _Factor(b_shape, geometry.d_out if config.lora_bias else None)
+        self.reset(config.init)
+        w = base.weight()
+        self.to(device=w.device, dtype=w.dtype if w.is_floating_point() else None)
+
+    @property
+    def a(self) -> Tensor:  # (r, d_in[, *kernel])
+        return self.lora_embedding_A if self.geometry.kind == "embedding" else self.lora_A.weight
+
+    @property
+    def b(self) -> Tensor:  # (d_out, r[, 1...])
+        return self.lora_embedding_B if self.geometry.kind == "embedding" else self.lora_B.weight
+
+    @property
+    def b_bias(self) -> Tensor | None:
+        return None if self.geometry.kind == "embedding" else self.lora_B.bias
+
+    @torch.no_grad()
+    def reset(self, init: str) -> None:
+        """Initialise the factors: PEFT's rules (embeddings: ``A = 0``, ``B ~ N(0, 1)``)."""
+        a, b = self.a, self.b
+        if init == "random":
+            nn.init.normal_(a, std=a[0].numel() ** -0.5)
+            nn.init.normal_(b, std=b.shape[1] ** -0.5)
+        elif self.geometry.kind == "embedding":
+            nn.init.zeros_(a)
+            nn.init.normal_(b)
+        elif init == "gaussian":
+            nn.init.normal_(a, std=1.0 / self.config.r)
+            nn.init.zeros_(b)
+        else:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            nn.init.zeros_(b)
+
+    def lora_out(self, x: Tensor) -> Tensor:
+        """``s * B A dropout(x)`` in the adapter's dtype."""
+        if x.is_floating_point():  # embeddings take token ids
+            x = self.dropout(x.to(self.a.dtype))
+        h = self.geometry.down(x, self.a)  # (..., r)
+        return self.geometry.up(h, self.b, self.b_bias) * self.scale  # (..., d_out)
+
+    def forward(self, x: Tensor, base_out: Tensor, base: DenseBackend) -> Tensor:
+        return self.lora_out(x).to(base_out.dtype)
+
+    def fused_forward(self, x: Tensor, base: DenseBackend) -> Tensor | None:
+        w = base.weight()
+        usable = (
+            isinstance(self.geometry, LinearGeometry)
+            and (self.config.dropout == 0 or not self.training)
+            and self.b_bias is None
+            and not w.requires_grad
+            and x.dtype == w.dtype == self.a.dtype
+        )
+        return lora_linear(x, w, base.bias, self.a, self.b, self.scale) if usable else None
+
+    def delta_weight(self, base: DenseBackend) -> Tensor:
+        return self.geometry.compose(self.b, self.a) * self.scale
+
+    def factors(self) -> tuple[Tensor, Tensor]:
+        if self.geometry.kind == "embedding":  # canonical delta (num, dim) = A^T @ B^T
+            return self.a.t() * self.scale, self.b.t()
+        return self.geometry.matrix(self.b) * self.scale, self.a.reshape(self.a.shape[0], -1)
+
+    def trainable(self) -> dict[str, nn.Parameter]:
+        params = dict(self.named_parameters())
+        if not self.train_a:
+            params = {k: v for k, v in params.items() if v is not self.a}
+        return params
+
+    @torch.no_grad()
+    def merge_into(self, base: DenseBackend) -> None:
+        super().merge_into(base)
+        self._shift_bias(base, +1.0)
+
+    @torch.no_grad()
+    def unmerge_from(self, base: DenseBackend) -> None:
+        super().unmerge_from(base)
+        self._shift_bias(base, -1.0)
+
+    def _shift_bias(self, base: DenseBackend, sign: float) -> None:
+        if self.b_bias is None:
+            return
+        require(base.bias is not None, "lora_bias", True, "cannot be merged into a base layer without a bias")
+        base.set_bias(base.bias.float() + sign * self.scale * self.b_bias.float())
+
+
+@register_method("lora-fa", LoraFAConfig)
+class LoraFA(Lora):
+    """LoRA-FA / FFA-LoRA: ``A`` frozen at its random init, only ``B`` (and ``lora_bias``) trained."""
+
+    train_a = False

@@ -1,0 +1,1 @@
+"""Which adapter applies to which rows: per-row routing (segment path)."""

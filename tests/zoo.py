@@ -1,0 +1,68 @@
+"""Tiny models for tests: one of each supported host layer type, and small transformers models."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers.pytorch_utils import Conv1D
+
+
+class Net(nn.Module):
+    """Wraps one layer as ``self.layer`` so configs can target ``["layer"]``."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+# name -> (layer factory, input factory for a batch of n rows)
+LAYERS: dict[str, tuple[Callable[[], nn.Module], Callable[[int], torch.Tensor]]] = {
+    "linear": (lambda: nn.Linear(12, 10), lambda n: torch.randn(n, 5, 12)),
+    "gpt2_conv1d": (lambda: Conv1D(10, 12), lambda n: torch.randn(n, 5, 12)),
+    "conv1d": (lambda: nn.Conv1d(3, 6, 3, padding=1), lambda n: torch.randn(n, 3, 9)),
+    "conv2d": (lambda: nn.Conv2d(3, 6, 3, stride=2, padding=1), lambda n: torch.randn(n, 3, 8, 8)),
+    "conv3d": (lambda: nn.Conv3d(2, 4, (1, 3, 3)), lambda n: torch.randn(n, 2, 3, 6, 6)),
+    "embedding": (lambda: nn.Embedding(20, 8, padding_idx=0), lambda n: torch.randint(0, 20, (n, 6))),
+}
+
+KIND = {"linear": "linear", "gpt2_conv1d": "linear", "conv1d": "conv", "conv2d": "conv", "conv3d": "conv",
+        "embedding": "embedding"}
+
+
+def net(layer_name: str) -> tuple[Net, torch.Tensor]:
+    make_layer, make_input = LAYERS[layer_name]
+    torch.manual_seed(0)
+    model = Net(make_layer())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.5)
+    return model, make_input(4)
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def perturb(module: nn.Module, std: float = 0.3) -> None:
+    """Give every adapter tensor a non-trivial value (so properties are not checked at a zero update)."""
+    import lorakit
+
+    with torch.no_grad():
+        for host in lorakit.inject.hosts(module):
+            for adapter in host.adapters.values():
+                for p in adapter.parameters():
+                    p.add_(torch.randn_like(p) * std)
