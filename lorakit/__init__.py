@@ -8,8 +8,19 @@
 from .config import AdapterConfig
 from .errors import AdapterFileError, ConfigError, LorakitError, TargetError
 from .inject import (
-    active_adapters, adapt, configs, delete_adapter, disable, enable, inspect_targets, merge, route, set_active,
-    trainable_parameters, unload, unmerge,
+    active_adapters,
+    adapt,
+    configs,
+    delete_adapter,
+    disable,
+    enable,
+    inspect_targets,
+    merge,
+    route,
+    set_active,
+    trainable_parameters,
+    unload,
+    unmerge,
 )
 from .io.adapter_files import load_adapter, save_adapter
 from .methods import METHODS, build_config

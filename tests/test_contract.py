@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from zoo import KIND, LAYERS, net, perturb
 
 import lorakit
 from lorakit.methods import METHODS
-from zoo import KIND, LAYERS, net, perturb
 
 CASES = [
     (method, layer)

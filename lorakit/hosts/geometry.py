@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -158,3 +157,7 @@ def is_transposed(module: nn.Module) -> bool:
     gpt2_conv = _conv1d_gpt2_type()
     return gpt2_conv is not None and isinstance(module, gpt2_conv)
 
+
+def per_unit(v: Tensor, like: Tensor) -> Tensor:
+    """A per-output-unit vector shaped to scale the rows of a canonical weight like ``like``."""
+    return v.reshape(-1, *([1] * (like.dim() - 1)))

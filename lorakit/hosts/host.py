@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from ..errors import LorakitError
 from ..routing.rows import RowRouting
 from .backend import DenseBackend
-from .geometry import Geometry, geometry_of
+from .geometry import Geometry, geometry_of, per_unit
 
 
 class HostLayer(nn.Module):
@@ -29,6 +29,7 @@ class HostLayer(nn.Module):
         self.adapters = nn.ModuleDict()
         self.active: tuple[str, ...] = ()
         self.merged: list[str] = []
+        self._merge_scales: dict[str, Tensor | None] = {}
         self.disabled = False
         self.routing: RowRouting | None = None
 
@@ -44,19 +45,51 @@ class HostLayer(nn.Module):
         self.active = tuple(a for a in self.active if a != name)
 
     # -- merging ---------------------------------------------------------------------------------------
+    @torch.no_grad()
     def merge(self, names: tuple[str, ...]) -> None:
-        for name in names:
-            if name in self.merged:
-                continue
-            adapter = self.adapters[name]
-            if not adapter.capabilities.mergeable:
-                raise LorakitError(f"adapter {name!r} ({type(adapter).__name__}) cannot be merged")
-            adapter.merge_into(self.backend)
-            self.merged.append(name)
+        """Fold adapters into the base weight, each relative to the unmerged base as in the forward pass.
 
+        With per-unit factors ``c_i`` and additive parts ``D_i`` (see ``Adapter.merge_scale``), the merged weight
+        is ``(1 + sum(c_i - 1)) W0 + sum(D_i)``; the factors are kept so :meth:`unmerge` restores ``W0`` exactly.
+        """
+        todo = [n for n in dict.fromkeys(self.merged + list(names))]
+        for name in todo:
+            if not self.adapters[name].capabilities.mergeable:
+                raise LorakitError(f"adapter {name!r} ({type(self.adapters[name]).__name__}) cannot be merged")
+        self.unmerge()
+        w0 = self.backend.weight().float()
+        scales = {n: self.adapters[n].merge_scale(self.backend) for n in todo}
+        total, delta = self._merge_terms(scales, w0)
+        self.backend.set_weight(total * w0 + delta)
+        self._shift_bias(todo, +1.0)
+        self.merged, self._merge_scales = todo, scales
+
+    @torch.no_grad()
     def unmerge(self) -> None:
-        while self.merged:
-            self.adapters[self.merged.pop()].unmerge_from(self.backend)
+        if not self.merged:
+            return
+        total, delta = self._merge_terms(self._merge_scales, self.backend.weight())
+        self.backend.set_weight((self.backend.weight().float() - delta) / total)
+        self._shift_bias(self.merged, -1.0)
+        self.merged, self._merge_scales = [], {}
+
+    def _merge_terms(self, scales: dict[str, Tensor | None], like: Tensor) -> tuple[Tensor, Tensor]:
+        total = torch.ones((), dtype=torch.float32, device=like.device)
+        delta = torch.zeros(like.shape, dtype=torch.float32, device=like.device)
+        for name, scale in scales.items():
+            if scale is not None:
+                total = total + (per_unit(scale, like) - 1)
+            delta += self.adapters[name].merge_delta(scale).float()
+        return total, delta
+
+    def _shift_bias(self, names: list[str], sign: float) -> None:
+        for name in names:
+            shift = self.adapters[name].bias_delta()
+            if shift is None:
+                continue
+            if self.backend.bias is None:
+                raise LorakitError(f"adapter {name!r} has a bias but {self.path!r} has none to merge it into")
+            self.backend.set_bias(self.backend.bias.float() + sign * shift.float())
 
     # -- forward ---------------------------------------------------------------------------------------
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:

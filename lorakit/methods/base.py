@@ -9,13 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import torch
 from torch import Tensor, nn
 
 from ..config import AdapterConfig
 from ..errors import LorakitError
 from ..hosts.backend import DenseBackend
-from ..hosts.geometry import Geometry
+from ..hosts.geometry import Geometry, per_unit
 from ..registry import Registry
 
 
@@ -58,9 +57,30 @@ class Adapter(nn.Module):
         """Optionally compute ``base(x) + forward(...)`` in one fused op; ``None`` means "not here"."""
         return None
 
-    def delta_weight(self, base: DenseBackend) -> Tensor:
-        """The dense update in the base weight's canonical layout."""
+    def merge_scale(self, base: DenseBackend) -> Tensor | None:
+        """Per-output-unit factor this adapter applies to the base weight when merged (``None``: 1).
+
+        Merging maps ``W0 -> merge_scale * W0 + merge_delta(merge_scale)``; only weight-rescaling methods (DoRA)
+        return a factor. The host caches it at merge time so unmerging is exact.
+        """
+        return None
+
+    def merge_delta(self, unit_scale: Tensor | None) -> Tensor:
+        """The additive part of the merged weight, in the canonical layout, given :meth:`merge_scale`'s value."""
         raise NotImplementedError
+
+    def bias_delta(self) -> Tensor | None:
+        """What merging adds to the base layer's bias (``None``: nothing)."""
+        return None
+
+    def delta_weight(self, base: DenseBackend) -> Tensor:
+        """The dense update ``W' - W0`` in the base weight's canonical layout (float32)."""
+        unit_scale = self.merge_scale(base)
+        delta = self.merge_delta(unit_scale).float()
+        if unit_scale is None:
+            return delta
+        w = base.weight().float()
+        return (per_unit(unit_scale, w) - 1) * w + delta
 
     def factors(self) -> tuple[Tensor, Tensor] | None:
         """``(B_eff, A_eff)`` with the scale folded in, when the update is exactly low rank."""
@@ -69,16 +89,6 @@ class Adapter(nn.Module):
     def trainable(self) -> dict[str, nn.Parameter]:
         """The tensors this adapter trains, by their state-dict name."""
         raise NotImplementedError
-
-    @torch.no_grad()
-    def merge_into(self, base: DenseBackend) -> None:
-        w = base.weight()
-        base.set_weight(w.float() + self.delta_weight(base).float())
-
-    @torch.no_grad()
-    def unmerge_from(self, base: DenseBackend) -> None:
-        w = base.weight()
-        base.set_weight(w.float() - self.delta_weight(base).float())
 
 
 MethodEntry = tuple[type[Adapter], type[AdapterConfig]]

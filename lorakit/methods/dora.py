@@ -4,7 +4,7 @@
 
 so ``y = g * (W0 x + s B A x) + b`` with ``g = m / n``. As in the paper (section 4.3) and PEFT, the norm ``n``
 is treated as a constant in backward. The adapter returns the contribution to add to the base output,
-``(g - 1) * (W0 x) + g * s B A x``.
+``(g - 1) * (W0 x) + g * s B A x``; merged, ``W' = g W0 + g s B A``.
 
 The norm is computed without forming ``B A`` (PEFT rebuilds ``B A`` and ``W0 + s B A`` every forward):
 
@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ..errors import require
 from ..hosts.backend import DenseBackend
-from ..hosts.geometry import Geometry
+from ..hosts.geometry import Geometry, per_unit
 from .base import Capabilities, register_method
 from .lora import Lora, LoraConfig
 
@@ -68,36 +68,20 @@ class Dora(Lora):
 
     def forward(self, x: Tensor, base_out: Tensor, base: DenseBackend) -> Tensor:
         g = self.geometry.channel(self.magnitude_scale(base))
-        base_no_bias = base_out if base.bias is None else base_out - self.geometry.channel(base.bias)
-        if self.training and self.config.dropout > 0:  # PEFT recomputes W0 x on the dropped-out input
+        out_dtype = base_out.dtype
+        if self.training and self.config.dropout > 0:  # as PEFT: W0 x recomputed on the dropped-out input
             x = self.dropout(x)
-            base_no_bias = base.forward(x) if base.bias is None else base.forward(x) - self.geometry.channel(base.bias)
-            h = self.geometry.down(x.to(self.a.dtype), self.a)
-            lora = self.geometry.up(h, self.b, self.b_bias) * self.scale
-        else:
-            lora = self.lora_out(x)
-        return ((g - 1) * base_no_bias + g * lora).to(base_out.dtype)
+            base_out = base.forward(x)
+        lora = self.lora_out(x, apply_dropout=False)
+        base_no_bias = base_out if base.bias is None else base_out - self.geometry.channel(base.bias)
+        return ((g - 1) * base_no_bias + g * lora).to(out_dtype)
 
     def fused_forward(self, x: Tensor, base: DenseBackend) -> Tensor | None:
         return None
 
-    def delta_weight(self, base: DenseBackend) -> Tensor:
-        w = base.weight().float()
-        merged = w + (self.geometry.compose(self.b, self.a) * self.scale).float()
-        g = self.magnitude_scale(base).float().reshape(-1, *([1] * (w.dim() - 1)))
-        return g * merged - w
+    def merge_scale(self, base: DenseBackend) -> Tensor:
+        return self.magnitude_scale(base).float()
 
-    @torch.no_grad()
-    def merge_into(self, base: DenseBackend) -> None:
-        self._merged_norm = self.column_norm(base)
-        super().merge_into(base)
-
-    @torch.no_grad()
-    def unmerge_from(self, base: DenseBackend) -> None:
-        """Invert ``W' = g (W0 + s B A)`` with the norm cached at merge time (as PEFT does)."""
-        g = (self.lora_magnitude_vector.float().reshape(-1) / self._merged_norm).reshape(-1, *([1] * (base.weight().dim() - 1)))
-        w0 = base.weight().float() / g - (self.geometry.compose(self.b, self.a) * self.scale).float()
-        base.set_weight(w0)
-        if self.b_bias is not None:
-            base.set_bias(base.bias.float() - self.scale * self.b_bias.float())
-        del self._merged_norm
+    def merge_delta(self, unit_scale: Tensor | None) -> Tensor:
+        lora = self.geometry.compose(self.b, self.a).float() * self.scale
+        return per_unit(unit_scale, lora) * lora

@@ -140,10 +140,11 @@ class Lora(Adapter):
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
             nn.init.zeros_(b)
 
-    def lora_out(self, x: Tensor) -> Tensor:
+    def lora_out(self, x: Tensor, apply_dropout: bool = True) -> Tensor:
         """``s * B A dropout(x)`` in the adapter's dtype."""
         if x.is_floating_point():  # embeddings take token ids
-            x = self.dropout(x.to(self.a.dtype))
+            x = x.to(self.a.dtype)
+            x = self.dropout(x) if apply_dropout else x
         h = self.geometry.down(x, self.a)  # (..., r)
         return self.geometry.up(h, self.b, self.b_bias) * self.scale  # (..., d_out)
 
@@ -161,7 +162,7 @@ class Lora(Adapter):
         )
         return lora_linear(x, w, base.bias, self.a, self.b, self.scale) if usable else None
 
-    def delta_weight(self, base: DenseBackend) -> Tensor:
+    def merge_delta(self, unit_scale: Tensor | None) -> Tensor:
         return self.geometry.compose(self.b, self.a) * self.scale
 
     def factors(self) -> tuple[Tensor, Tensor]:
@@ -175,21 +176,8 @@ class Lora(Adapter):
             params = {k: v for k, v in params.items() if v is not self.a}
         return params
 
-    @torch.no_grad()
-    def merge_into(self, base: DenseBackend) -> None:
-        super().merge_into(base)
-        self._shift_bias(base, +1.0)
-
-    @torch.no_grad()
-    def unmerge_from(self, base: DenseBackend) -> None:
-        super().unmerge_from(base)
-        self._shift_bias(base, -1.0)
-
-    def _shift_bias(self, base: DenseBackend, sign: float) -> None:
-        if self.b_bias is None:
-            return
-        require(base.bias is not None, "lora_bias", True, "cannot be merged into a base layer without a bias")
-        base.set_bias(base.bias.float() + sign * self.scale * self.b_bias.float())
+    def bias_delta(self) -> Tensor | None:
+        return None if self.b_bias is None else self.b_bias * self.scale
 
 
 @register_method("lora-fa", LoraFAConfig)
