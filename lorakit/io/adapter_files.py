@@ -19,7 +19,7 @@ from torch import nn
 
 from ..config import AdapterConfig
 from ..errors import AdapterFileError, LorakitError
-from ..hosts.geometry import is_transposed
+from ..hosts.geometry import is_supported, is_transposed
 from ..inject import adapt, configs, delete_adapter, hosts
 from ..methods.base import METHODS
 from ..targeting import candidate_modules
@@ -85,7 +85,7 @@ def _config_from_files(directory: Path, metadata: dict[str, str]) -> AdapterConf
 
 def _module_paths(tensors: dict[str, Any], directory: Path, model: nn.Module) -> list[str]:
     """Module paths named by the file's keys, checked against the model."""
-    present = {p for p, _ in candidate_modules(model)}
+    present = {p for p, m in candidate_modules(model) if p and is_supported(getattr(m, "base_layer", m))}
     paths: dict[str, None] = {}
     for key in tensors:
         if not key.startswith(PREFIX):

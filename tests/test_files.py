@@ -1,0 +1,133 @@
+"""Adapter files: bad, hostile and foreign input gets a clear error; writes are atomic."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import lorakit
+from lorakit.io.adapter_files import CONFIG_FILE, WEIGHTS_FILE
+from zoo import perturb, tiny_llama
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = lorakit.adapt(tiny_llama(), lorakit.LoraConfig(r=4, targets=["q_proj", "v_proj"]))
+    perturb(model)
+    lorakit.save_adapter(model, tmp_path)
+    return tmp_path
+
+
+def test_saved_files_use_peft_names(saved):
+    config = json.loads((saved / CONFIG_FILE).read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["target_modules"] == ["q_proj", "v_proj"]
+    keys = load_file(saved / WEIGHTS_FILE).keys()
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
+    assert len(keys) == 2 * 2 * 2
+    assert not [p for p in saved.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_pickle_files_are_refused(tmp_path):
+    (tmp_path / CONFIG_FILE).write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8}))
+    torch.save({"x": torch.zeros(1)}, tmp_path / "adapter_model.bin")
+    with pytest.raises(lorakit.AdapterFileError, match="pickle"):
+        lorakit.load_adapter(tiny_llama(), tmp_path)
+
+
+def test_corrupt_safetensors_is_a_clear_error(saved):
+    (saved / WEIGHTS_FILE).write_bytes(b"\xff" * 64)
+    with pytest.raises(lorakit.AdapterFileError, match="not a valid safetensors file"):
+        lorakit.load_adapter(tiny_llama(), saved)
+
+
+def test_invalid_json_config_is_a_clear_error(tmp_path):
+    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 32)},
+              tmp_path / WEIGHTS_FILE)
+    (tmp_path / CONFIG_FILE).write_text("{not json")
+    with pytest.raises(lorakit.AdapterFileError, match="not valid JSON"):
+        lorakit.load_adapter(tiny_llama(), tmp_path)
+
+
+def test_shape_mismatch_names_the_key_and_leaves_the_model_clean(saved):
+    tensors = load_file(saved / WEIGHTS_FILE)
+    key = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+    tensors[key] = torch.zeros(8, 4)
+    save_file(tensors, saved / WEIGHTS_FILE)
+    model = tiny_llama()
+    with pytest.raises(lorakit.AdapterFileError, match=rf"{key} has shape \(8, 4\), the model expects \(16, 4\)"):
+        lorakit.load_adapter(model, saved)
+    assert not list(lorakit.inject.hosts(model)) and not lorakit.configs(model)
+
+
+def test_keys_for_modules_the_model_lacks_are_named(saved):
+    tensors = load_file(saved / WEIGHTS_FILE)
+    tensors["base_model.model.model.layers.7.self_attn.q_proj.lora_A.weight"] = torch.zeros(4, 32)
+    save_file(tensors, saved / WEIGHTS_FILE)
+    with pytest.raises(lorakit.AdapterFileError, match="layers.7.*names no module"):
+        lorakit.load_adapter(tiny_llama(), saved)
+
+
+def test_integer_tensors_are_refused(saved):
+    tensors = load_file(saved / WEIGHTS_FILE)
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    tensors[key] = torch.zeros(4, 32, dtype=torch.int32)
+    save_file(tensors, saved / WEIGHTS_FILE)
+    with pytest.raises(lorakit.AdapterFileError, match="dtype torch.int32"):
+        lorakit.load_adapter(tiny_llama(), saved)
+
+
+def _peft_only(saved):
+    """Drop lorakit's metadata so the loader must read PEFT's adapter_config.json."""
+    save_file(load_file(saved / WEIGHTS_FILE), saved / WEIGHTS_FILE, metadata={"format": "pt"})
+
+
+def test_unknown_peft_config_keys_warn(saved):
+    _peft_only(saved)
+    config = json.loads((saved / CONFIG_FILE).read_text())
+    config["some_future_option"] = 3
+    (saved / CONFIG_FILE).write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match="some_future_option"):
+        lorakit.load_adapter(tiny_llama(), saved)
+
+
+@pytest.mark.parametrize("key,value", [("peft_type", "IA3"), ("bias", "all"), ("modules_to_save", ["lm_head"])])
+def test_peft_configs_we_cannot_honour_are_refused(saved, key, value):
+    _peft_only(saved)
+    config = json.loads((saved / CONFIG_FILE).read_text())
+    config[key] = value
+    (saved / CONFIG_FILE).write_text(json.dumps(config))
+    with pytest.raises(lorakit.AdapterFileError, match=key):
+        lorakit.load_adapter(tiny_llama(), saved)
+
+
+def test_lorakit_method_round_trips_through_metadata(tmp_path):
+    model = lorakit.adapt(tiny_llama(), lorakit.LoraFAConfig(r=4, targets=["q_proj"]))
+    lorakit.save_adapter(model, tmp_path)
+    loaded = lorakit.load_adapter(tiny_llama(), tmp_path)
+    assert isinstance(lorakit.configs(loaded)["default"], lorakit.LoraFAConfig)
+    assert all(".lora_B." in k for k in lorakit.trainable_parameters(loaded))
+
+
+def test_missing_directory_and_merged_save_are_errors(tmp_path):
+    with pytest.raises(lorakit.AdapterFileError, match="not a directory"):
+        lorakit.load_adapter(tiny_llama(), tmp_path / "nope")
+    model = lorakit.adapt(tiny_llama(), lorakit.LoraConfig(r=4))
+    lorakit.merge(model)
+    with pytest.raises(lorakit.LorakitError, match="unmerge before saving"):
+        lorakit.save_adapter(model, tmp_path / "x")
+
+
+def test_a_failed_write_leaves_the_previous_file_intact(saved, monkeypatch):
+    before = (saved / WEIGHTS_FILE).read_bytes()
+    model = lorakit.adapt(tiny_llama(), lorakit.LoraConfig(r=4, targets=["q_proj", "v_proj"]))
+
+    def explode(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("lorakit.io.files.save_file", explode)
+    with pytest.raises(OSError, match="disk full"):
+        lorakit.save_adapter(model, saved)
+    assert (saved / WEIGHTS_FILE).read_bytes() == before
+    assert not [p for p in saved.iterdir() if p.name.endswith(".tmp")]
