@@ -26,3 +26,16 @@ def test_fused_lora_linear_with_frozen_a_and_trainable_bias():
     a = torch.randn(3, 7, dtype=torch.float64, generator=g)
     b = torch.randn(6, 3, dtype=torch.float64, generator=g, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x_, bias_, b_: lora_linear(x_, w, bias_, a, b_, 2.0), (x, bias, b))
+
+
+def test_fused_dora_column_scale_matches_reference_values_and_gradients():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 4, 7, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(6, 7, dtype=torch.float64, generator=g)
+    bias = torch.randn(6, dtype=torch.float64, generator=g)
+    a = torch.randn(3, 7, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(6, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    col = torch.rand(6, dtype=torch.float64, generator=g).add(0.5).requires_grad_(True)
+    reference = col * (x @ w.t() + 0.5 * (x @ a.t()) @ b.t()) + bias
+    torch.testing.assert_close(lora_linear(x, w, bias, a, b, 0.5, col), reference)
+    assert torch.autograd.gradcheck(lambda *t: lora_linear(t[0], w, bias, t[1], t[2], 0.5, t[3]), (x, a, b, col))

@@ -1,16 +1,17 @@
-"""Fused dense linear + LoRA: ``y = x W^T + b + s (x A^T) B^T`` as one autograd node.
+"""Fused dense linear + LoRA (and DoRA's column scaling) as one autograd node.
 
-Following the low-rank gradient order of *Computational Limits of LoRA* (METHODS.md entry 82), the dense
-update ``B A`` is never formed; the backward is
+    y   = x W^T + s (x A^T) B^T                 # LoRA on a frozen W
+    out = g * y + b        (DoRA: g = m / ||W + s B A||_c, one factor per output unit; LoRA: g = 1)
 
-    h      = x A^T                      # (N, r), saved from forward
-    g_h    = s * g B                    # (N, r)
-    dB     = s * g^T h                  # (d_out, r)
-    dA     = g_h^T x                    # (r, d_in)
-    dx     = g W + g_h A                # one GEMM plus one accumulating GEMM
+Following the low-rank gradient order of *Computational Limits of LoRA* (METHODS.md entry 82), ``B A`` is never
+formed; with ``h = x A^T`` saved from forward and ``G`` the gradient of ``out``:
 
-Compared with the unfused graph this saves the elementwise scale and add over the ``(N, d_out)`` output, the
-separate ``(N, d_in)`` gradient sum, and keeps only ``x`` and ``h`` for backward.
+    G_y = g * G                 dg = sum_rows(G * y)          (DoRA only; ``y`` saved)
+    G_h = s G_y B               dB = s (h^T G_y)^T            dA = G_h^T x
+    dx  = G_y W + G_h A         (one GEMM and one accumulating GEMM)
+
+Compared with the unfused graph this drops the elementwise scale and add passes over the ``(N, d_out)`` output
+and the separate ``(N, d_in)`` gradient sum, and saves only ``x``, ``h`` (and ``y`` for DoRA) for backward.
 """
 from __future__ import annotations
 
@@ -22,35 +23,46 @@ from torch import Tensor
 
 class _LoraLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, scale: float) -> Tensor:
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, scale: float,
+                col_scale: Tensor | None) -> Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # (N, d_in)
         h = x2 @ a.t()  # (N, r)
-        out = x2 @ weight.t() if bias is None else torch.addmm(bias, x2, weight.t())  # (N, d_out)
-        out.addmm_(h, b.t(), alpha=scale)
-        ctx.save_for_backward(x2 if a.requires_grad else None, h if b.requires_grad else None, weight, a, b)
-        ctx.scale = scale
-        ctx.shape = shape
-        ctx.bias_grad = bias is not None and bias.requires_grad
+        if col_scale is None:
+            y = x2 @ weight.t() if bias is None else torch.addmm(bias, x2, weight.t())  # (N, d_out)
+            y.addmm_(h, b.t(), alpha=scale)
+            out = y
+        else:
+            y = torch.addmm(x2 @ weight.t(), h, b.t(), alpha=scale)  # (N, d_out), bias-free
+            out = y * col_scale if bias is None else torch.addcmul(bias, y, col_scale)
+        ctx.save_for_backward(x2 if a.requires_grad else None, h, weight, a, b, col_scale,
+                              y if col_scale is not None and col_scale.requires_grad else None)
+        ctx.scale, ctx.shape = scale, shape
         return out.reshape(*shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        x2, h, weight, a, b = ctx.saved_tensors
+        x2, h, weight, a, b, col_scale, y = ctx.saved_tensors
         g = grad_out.reshape(-1, grad_out.shape[-1])  # (N, d_out)
+        grad_col = None
+        if col_scale is not None:
+            if y is not None:
+                grad_col = (g * y).sum(0)  # einsum("nd,nd->d") lowers to a slow batched GEMM on CPU
+            g = g * col_scale
         g_h = (g @ b).mul_(ctx.scale)  # (N, r)
         grad_x = grad_a = grad_b = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_x = torch.addmm(g @ weight, g_h, a).reshape(ctx.shape)
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
         if ctx.needs_input_grad[3]:
             grad_a = g_h.t() @ x2
         if ctx.needs_input_grad[4]:
-            grad_b = (g.t() @ h).mul_(ctx.scale)
-        if ctx.bias_grad:
-            grad_bias = g.sum(0)
-        return grad_x, None, grad_bias, grad_a, grad_b, None
+            grad_b = (h.t() @ g).mul_(ctx.scale).t()  # (d_out, r); r x N @ N x d_out is the fast GEMM order
+        return grad_x, None, grad_bias, grad_a, grad_b, None, grad_col
 
 
-def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, scale: float) -> Tensor:
-    """``x W^T + bias + scale * (x A^T) B^T`` with a low-rank backward; ``weight`` is frozen."""
-    return _LoraLinear.apply(x, weight, bias, a, b, scale)
+def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, scale: float,
+                col_scale: Tensor | None = None) -> Tensor:
+    """``col_scale * (x W^T + scale * (x A^T) B^T) + bias`` with a low-rank backward; ``weight`` is frozen."""
+    return _LoraLinear.apply(x, weight, bias, a, b, scale, col_scale)

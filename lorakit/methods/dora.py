@@ -24,6 +24,7 @@ from ..errors import require
 from ..hosts.backend import DenseBackend
 from ..hosts.geometry import Geometry, per_unit
 from .base import Capabilities, register_method
+from ..kernels.lora_linear import lora_linear
 from .lora import Lora, LoraConfig
 
 
@@ -77,7 +78,9 @@ class Dora(Lora):
         return ((g - 1) * base_no_bias + g * lora).to(out_dtype)
 
     def fused_forward(self, x: Tensor, base: DenseBackend) -> Tensor | None:
-        return None
+        if not self.fused_usable(x, base):
+            return None
+        return lora_linear(x, base.weight(), base.bias, self.a, self.b, self.scale, self.magnitude_scale(base))
 
     def merge_scale(self, base: DenseBackend) -> Tensor:
         return self.magnitude_scale(base).float()

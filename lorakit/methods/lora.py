@@ -151,16 +151,21 @@ class Lora(Adapter):
     def forward(self, x: Tensor, base_out: Tensor, base: DenseBackend) -> Tensor:
         return self.lora_out(x).to(base_out.dtype)
 
-    def fused_forward(self, x: Tensor, base: DenseBackend) -> Tensor | None:
+    def fused_usable(self, x: Tensor, base: DenseBackend) -> bool:
+        """The fused kernel applies: dense linear base, no active dropout, no lora_bias, one dtype."""
         w = base.weight()
-        usable = (
+        return (
             isinstance(self.geometry, LinearGeometry)
             and (self.config.dropout == 0 or not self.training)
             and self.b_bias is None
             and not w.requires_grad
             and x.dtype == w.dtype == self.a.dtype
         )
-        return lora_linear(x, w, base.bias, self.a, self.b, self.scale) if usable else None
+
+    def fused_forward(self, x: Tensor, base: DenseBackend) -> Tensor | None:
+        if not self.fused_usable(x, base):
+            return None
+        return lora_linear(x, base.weight(), base.bias, self.a, self.b, self.scale)
 
     def merge_delta(self, unit_scale: Tensor | None) -> Tensor:
         return self.geometry.compose(self.b, self.a) * self.scale
