@@ -1,7 +1,7 @@
 """Train-step time and memory: lorakit vs PEFT vs the frozen-base floor (core issue benchmark).
 
 Tiny Llama (vocab 8192, hidden 384, 8 layers), batch 8 x 128 tokens, LoRA / DoRA r=16 on all linear layers.
-Every variant runs forward + cross-entropy + backward (+ AdamW on its trainable tensors) in the same process,
+Every variant runs forward + cross-entropy + backward (+ fused AdamW on its trainable tensors) in the same process,
 interleaved, and is reported as a multiple of the frozen-base step (backward through the frozen network, the
 floor every adapter method pays).
 
@@ -18,7 +18,7 @@ import lorakit
 
 
 def make_step(model: torch.nn.Module, ids: torch.Tensor, params: list[torch.Tensor]):
-    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True) if params else None
 
     def step() -> None:
         loss = model(input_ids=ids, labels=ids).loss

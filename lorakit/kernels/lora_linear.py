@@ -52,7 +52,7 @@ class _LoraLinear(torch.autograd.Function):
         g_h = (g @ b).mul_(ctx.scale)  # (N, r)
         grad_x = grad_a = grad_b = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.addmm(g @ weight, g_h, a).reshape(ctx.shape)
+            grad_x = (g @ weight).addmm_(g_h, a).reshape(ctx.shape)
         if ctx.needs_input_grad[2]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
         if ctx.needs_input_grad[3]:
