@@ -52,7 +52,9 @@ class HostLayer(nn.Module):
         With per-unit factors ``c_i`` and additive parts ``D_i`` (see ``Adapter.merge_scale``), the merged weight
         is ``(1 + sum(c_i - 1)) W0 + sum(D_i)``; the factors are kept so :meth:`unmerge` restores ``W0`` exactly.
         """
-        todo = [n for n in dict.fromkeys(self.merged + list(names))]
+        todo = list(dict.fromkeys(self.merged + list(names)))
+        if todo == self.merged:
+            return
         for name in todo:
             if not self.adapters[name].capabilities.mergeable:
                 raise LorakitError(f"adapter {name!r} ({type(self.adapters[name]).__name__}) cannot be merged")
