@@ -1,0 +1,70 @@
+"""Argument groups shared by the subcommands, and their translation into :class:`lorakit.train.run.Options`."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from ..methods.base import METHODS
+from ..train.run import DEFAULT_STEPS, Options
+from ..train.tasks import TASKS
+
+_DEFAULTS = Options()
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", help="transformers model folder or .gguf file (default: the embedded "
+                                       "SmolLM2-135M-Instruct)")
+    group.add_argument("--bf16", action="store_true", help="load the base model in bfloat16 (adapters stay float32)")
+
+
+def add_adapter_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("adapter")
+    group.add_argument("--method", default=_DEFAULTS.method, choices=METHODS.names(), help="adapter method")
+    group.add_argument("--rank", type=int, default=_DEFAULTS.rank, help="adapter rank r")
+    group.add_argument("--alpha", type=float, default=_DEFAULTS.alpha, help="scale numerator (update * alpha / r)")
+    group.add_argument("--targets", default=_DEFAULTS.targets,
+                       help="'all-linear', comma-separated module names (q_proj,v_proj) or a regex over module paths")
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--data", help=".jsonl / .csv / .txt file or a datasets folder (default: the embedded "
+                                      "sentiment-labelled tweets)")
+    group.add_argument("--task", choices=TASKS,
+                       help="default: classification for the embedded data, causal-lm otherwise")
+    group.add_argument("--text-column", help="text column (sft: the prompt column); default 'text' ('prompt' for sft)")
+    group.add_argument("--label-column", default=_DEFAULTS.label_column, help="classification label column")
+    group.add_argument("--response-column", default=_DEFAULTS.response_column,
+                       help="sft response column (rows with a 'messages' list use it instead)")
+    group.add_argument("--prompt-template", help="classification prompt containing {text}; "
+                                                  "default 'Text: {text}\\nLabel:' ('Tweet: {text}\\nSentiment:' "
+                                                  "for the embedded data)")
+    group.add_argument("--max-length", type=int, default=_DEFAULTS.max_length, help="tokens per example (truncated)")
+    group.add_argument("--eval-size", type=int, help="held-out examples (default min(200, 10%%))")
+    group.add_argument("--eval-batch-size", type=int, default=_DEFAULTS.eval_batch_size)
+
+
+def add_train_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("training")
+    length = group.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, help=f"optimizer steps (default {DEFAULT_STEPS})")
+    length.add_argument("--epochs", type=float, help="passes over the training examples instead of --steps")
+    group.add_argument("--lr", type=float, default=_DEFAULTS.lr, help="peak learning rate (linear warmup/decay)")
+    group.add_argument("--batch-size", type=int, default=_DEFAULTS.batch_size,
+                       help="examples per micro-batch, over all processes")
+    group.add_argument("--grad-accum", type=int, default=_DEFAULTS.grad_accum,
+                       help="micro-batches per optimizer step (global batch = batch-size * grad-accum)")
+    group.add_argument("--seed", type=int, default=_DEFAULTS.seed)
+    group = parser.add_argument_group("output")
+    group.add_argument("--output", help="run folder (default runs/finetune-<time>)")
+    group.add_argument("--save-every", type=int, default=_DEFAULTS.save_every,
+                       help="checkpoint every N steps (0: only on Ctrl-C)")
+    group.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
+    group.add_argument("--overwrite", action="store_true", help="replace the run in --output")
+
+
+def options_from(args: argparse.Namespace) -> Options:
+    """The :class:`Options` named by ``args`` (options a subcommand does not take keep their defaults)."""
+    given = vars(args)
+    return Options(**{f.name: given[f.name] for f in dataclasses.fields(Options) if f.name in given})

@@ -1,0 +1,150 @@
+"""The run folder: its identity (``run.json``), metrics log, and atomic checkpoints for exact resumption.
+
+A checkpoint ``checkpoint-<step>/`` holds the adapter in PEFT's format (so it loads anywhere), ``trainer.pt``
+(optimizer, scheduler and RNG states; plain tensors and containers, loadable with ``weights_only=True``) and
+``state.json`` (the step and data position). It is written into a temporary folder and renamed into place, so a
+crash never leaves a half-written checkpoint; the newest :data:`KEEP` checkpoints are kept.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..io.adapter_files import WEIGHTS_FILE, adapter_tensors, save_adapter
+from ..io.files import read_json, read_safetensors, write_json
+from .errors import TrainingError
+
+RUN_FILE, METRICS_FILE, TRAINER_FILE, STATE_FILE = "run.json", "metrics.jsonl", "trainer.pt", "state.json"
+KEEP = 2
+_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+# Settings that may differ between a run and its resumption (everything else must match).
+RESUMABLE_CHANGES = frozenset({"output", "resume", "overwrite", "save_every", "world_size"})
+
+
+def checkpoints(output: Path) -> list[Path]:
+    """Checkpoint folders of a run, oldest first."""
+    found = [(int(m.group(1)), p) for p in output.glob("checkpoint-*") if (m := _CHECKPOINT.fullmatch(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def prepare_output(output: Path, run: dict[str, Any], *, resume: bool, overwrite: bool) -> Path | None:
+    """Check that ``output`` may hold this run; returns the checkpoint to resume from (or ``None``).
+
+    Only reads: call it on every process, then let the main process call :func:`start_run`.
+    """
+    if resume and overwrite:
+        raise TrainingError("--resume and --overwrite contradict each other; pick one")
+    holds_run = (output / RUN_FILE).is_file()
+    if resume:
+        if not holds_run:
+            raise TrainingError(f"--resume: {output} holds no run to resume (no {RUN_FILE})")
+        previous = read_json(output / RUN_FILE)
+        changed = sorted(k for k in set(run) | set(previous)
+                         if k not in RESUMABLE_CHANGES and run.get(k) != previous.get(k))
+        if changed:
+            detail = ", ".join(f"{k}: {previous.get(k)!r} -> {run.get(k)!r}" for k in changed)
+            raise TrainingError(f"--resume: settings differ from the run in {output} ({detail}); "
+                                f"resume with the same settings")
+        found = checkpoints(output)
+        if not found:
+            raise TrainingError(f"--resume: {output} has no checkpoint yet; start again with --overwrite")
+        return found[-1]
+    if output.exists() and not output.is_dir():
+        raise TrainingError(f"--output {output} is a file, not a folder")
+    if output.is_dir() and any(output.iterdir()):
+        if not holds_run:
+            raise TrainingError(f"--output {output} is not empty and holds no lorakit run; pick an empty folder")
+        if not overwrite:
+            raise TrainingError(f"--output {output} holds another run; use --resume to continue it, --overwrite to "
+                                f"replace it, or another --output")
+    return None
+
+
+def start_run(output: Path, run: dict[str, Any], *, fresh: bool) -> None:
+    """Create ``output`` (emptied first when ``fresh`` and it holds an old run) and record the run's settings."""
+    if fresh and (output / RUN_FILE).is_file():
+        shutil.rmtree(output)
+    output.mkdir(parents=True, exist_ok=True)
+    if fresh:
+        write_json(output / RUN_FILE, run)
+
+
+def save_checkpoint(output: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                    state: dict[str, Any]) -> Path:
+    """Write ``checkpoint-<state['step']>`` atomically and prune old checkpoints; returns its path."""
+    target = output / f"checkpoint-{state['step']}"
+    tmp = Path(tempfile.mkdtemp(dir=output, prefix=f".{target.name}."))
+    try:
+        save_adapter(model, tmp)
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng},
+                   tmp / TRAINER_FILE)
+        write_json(tmp / STATE_FILE, state)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for old in checkpoints(output)[:-KEEP]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                    *, restore_rng: bool = True) -> dict[str, Any]:
+    """Restore adapter tensors, optimizer, scheduler (and RNG) from ``path``; returns its ``state.json``."""
+    saved, _ = read_safetensors(path / WEIGHTS_FILE)
+    current = adapter_tensors(model, "default")
+    if set(saved) != set(current):
+        raise TrainingError(f"{path} does not fit this model's adapter (keys differ)")
+    with torch.no_grad():
+        for key, tensor in current.items():
+            tensor.copy_(saved[key])
+    trainer = torch.load(path / TRAINER_FILE, weights_only=True)
+    optimizer.load_state_dict(trainer["optimizer"])
+    scheduler.load_state_dict(trainer["scheduler"])
+    if restore_rng:
+        torch.set_rng_state(trainer["rng"]["torch"])
+        random.setstate(_as_tuples(trainer["rng"]["python"]))
+    return read_json(path / STATE_FILE)
+
+
+def _as_tuples(value: Any) -> Any:
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON object per line, ``{"kind": "step" | "eval", ...}``."""
+
+    def __init__(self, path: Path, enabled: bool = True) -> None:
+        self.path, self.enabled = path, enabled
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    def rewind(self, step: int) -> None:
+        """Keep what a resumption from ``step`` keeps: steps up to ``step`` and the evaluation before training."""
+        if not self.enabled:
+            return
+        kept = [r for r in self.read() if (r["kind"] == "step" and r["step"] <= step)
+                or (r["kind"] == "eval" and r.get("when") == "before")]
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".metrics.")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+        os.replace(tmp, self.path)

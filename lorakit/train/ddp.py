@@ -1,0 +1,99 @@
+"""Data parallelism without wrapping the model: each process runs its slice of every global batch, then one
+all-reduce per step sums the adapter gradients (and the step's loss and token counts) across processes.
+
+Only adapter gradients travel; the frozen base never does. Started by ``torchrun`` (which sets ``WORLD_SIZE``,
+``RANK``, ``MASTER_ADDR``, ``MASTER_PORT``); gloo on CPU, NCCL when every process has a GPU.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Sequence, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .errors import TrainingError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the data-parallel processes."""
+
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def main(self) -> bool:
+        """The process that prints, logs and writes files."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    def shard(self, items: Sequence[T], batch_size: int) -> list[T]:
+        """This process's contiguous share of a micro-batch of ``batch_size`` items."""
+        per = batch_size // self.size
+        return list(items[self.rank * per:(self.rank + 1) * per])
+
+    def check_batch(self, batch_size: int) -> None:
+        if batch_size % self.size:
+            raise TrainingError(f"--batch-size {batch_size} must be divisible by the number of processes "
+                                f"({self.size}); it is the global micro-batch, split evenly across processes")
+
+    def all_reduce(self, flat: Tensor) -> Tensor:
+        """Sum ``flat`` over all processes in place (a no-op in a single process)."""
+        if self.distributed:
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        return flat
+
+    def broadcast(self, tensors: Sequence[Tensor]) -> None:
+        """Copy the main process's values of ``tensors`` to every process (identical adapters at the start)."""
+        if self.distributed:
+            with torch.no_grad():
+                for t in tensors:
+                    dist.broadcast(t, src=0)
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+SINGLE = World()  # a process on its own
+
+
+def init_world() -> World:
+    """Join the process group that ``torchrun`` describes in the environment (a single process otherwise)."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1:
+        return World()
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= size else "gloo"
+        dist.init_process_group(backend)
+    return World(dist.get_rank(), dist.get_world_size())
+
+
+def close_world(world: World) -> None:
+    if world.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def sync_gradients(world: World, params: Sequence[Tensor], extras: Sequence[float]) -> list[float]:
+    """Sum the gradients of ``params`` and the numbers ``extras`` over processes with one all-reduce.
+
+    Returns the summed extras. Parameters without a gradient (unused on this step) count as zeros.
+    """
+    if not world.distributed:
+        return list(extras)
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads] + [torch.tensor(extras, dtype=torch.float32)])
+    world.all_reduce(flat)
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset:offset + g.numel()].view_as(g).to(g.dtype)
+        offset += g.numel()
+    return flat[offset:].tolist()

@@ -1,0 +1,221 @@
+"""``finetune`` and ``evaluate_adapter``: the whole job from options to a saved adapter and before/after metrics.
+
+With no data given, the embedded default runs: SmolLM2-135M-Instruct classifies the sentiment of held-out tweets
+(negative / neutral / positive) from the logits of the label tokens, before and after LoRA fine-tuning.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ..config import ALL_LINEAR
+from ..inject import adapt, disable
+from ..io.adapter_files import adapter_tensors, load_adapter, save_adapter
+from ..methods.base import METHODS, build_config
+from . import default
+from .checkpoint import prepare_output, start_run
+from .data import Record, read_records, split
+from .ddp import World, close_world, init_world
+from .errors import DataError
+from .evaluate import describe, evaluate, majority_rate
+from .loop import Callback, TrainConfig, Trainer
+from .model import load_model
+from .plot import plot_loss
+from .tasks import CausalLMTask, ClassificationTask, Example, SFTTask, Task
+
+DEFAULT_STEPS = 60
+
+
+@dataclass(frozen=True)
+class Options:
+    """Everything ``lorakit finetune`` / ``lorakit eval`` accept (``None``: the embedded default or a derived value)."""
+
+    model: str | None = None
+    data: str | None = None
+    task: str | None = None  # default: classification for the embedded data, causal-lm otherwise
+    text_column: str | None = None  # default: "text" ("prompt" for sft)
+    label_column: str = "label"
+    response_column: str = "response"
+    prompt_template: str | None = None
+    method: str = "lora"
+    rank: int = 16
+    alpha: float = 32.0
+    targets: str = ALL_LINEAR
+    steps: int | None = None
+    epochs: float | None = None
+    lr: float = 1e-3
+    batch_size: int = 8
+    grad_accum: int = 1
+    bf16: bool = False
+    seed: int = 0
+    max_length: int = 128
+    eval_size: int | None = None  # default: min(200, a tenth of the examples)
+    eval_batch_size: int = 32
+    output: str | None = None
+    save_every: int = 0
+    resume: bool = False
+    overwrite: bool = False
+
+    @property
+    def task_name(self) -> str:
+        return self.task or ("classification" if self.data is None else "causal-lm")
+
+
+@dataclass
+class Prepared:
+    """A loaded model with its task and the fixed train / held-out split."""
+
+    model: nn.Module
+    task: Task
+    train: list[Example]
+    held_out: list[Example]
+
+
+def parse_targets(text: str) -> str | tuple[str, ...]:
+    """``all-linear``; ``q_proj,v_proj`` (module names); anything else is a regular expression over module paths."""
+    if text == ALL_LINEAR or not re.fullmatch(r"[\w.,]+", text):
+        return text
+    return tuple(name for name in text.split(",") if name)
+
+
+def adapter_config(opts: Options) -> Any:
+    """The registered method's config from ``--method/--rank/--alpha/--targets``.
+
+    A method without an ``r`` or ``alpha`` field ignores that option, with a note when it was changed.
+    """
+    _, config_cls = METHODS.get(opts.method)
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    given = {"r": ("rank", opts.rank), "alpha": ("alpha", opts.alpha), "targets": ("targets", opts.targets)}
+    for field, (option, value) in given.items():
+        if field not in fields and value != getattr(Options, option):
+            print(f"note: method {opts.method!r} has no {field!r} field; --{option} {value} is not used")
+    values = {field: value for field, (_, value) in given.items() if field in fields}
+    if "targets" in values:
+        values["targets"] = parse_targets(opts.targets)
+    return build_config(opts.method, **values)
+
+
+def _records(opts: Options) -> list[Record]:
+    return default.default_records() if opts.data is None else read_records(opts.data)
+
+
+def _task(opts: Options, tokenizer: Any, records: Sequence[Record]) -> Task:
+    name = opts.task_name
+    if name == "causal-lm":
+        return CausalLMTask(tokenizer, opts.max_length, opts.text_column or "text")
+    if name == "sft":
+        return SFTTask(tokenizer, opts.max_length, opts.text_column or "prompt", opts.response_column)
+    if name == "classification":
+        template = opts.prompt_template or (default.PROMPT_TEMPLATE if opts.data is None else "Text: {text}\nLabel:")
+        return ClassificationTask(tokenizer, opts.max_length, ClassificationTask.labels_of(records, opts.label_column),
+                                  opts.text_column or "text", opts.label_column, template)
+    raise DataError(f"--task {name!r} is unknown; tasks: causal-lm, sft, classification")
+
+
+def prepare(opts: Options) -> Prepared:
+    """Load the model and tokenizer, read and tokenize the data, and split off the held-out examples."""
+    records = _records(opts)
+    model, tokenizer = load_model(opts.model, torch.bfloat16 if opts.bf16 else torch.float32)
+    task = _task(opts, tokenizer, records)
+    examples = task.encode(records)
+    eval_size = opts.eval_size if opts.eval_size is not None else max(1, min(200, len(examples) // 10))
+    train, held_out = split(examples, eval_size)
+    return Prepared(model, task, train, held_out)
+
+
+def _train_config(opts: Options, n_train: int) -> TrainConfig:
+    if opts.steps is not None and opts.epochs is not None:
+        raise DataError("give --steps or --epochs, not both")
+    for name in ("batch_size", "grad_accum", "eval_batch_size"):
+        if getattr(opts, name) < 1:
+            raise DataError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(opts, name)}")
+    steps = opts.steps if opts.steps is not None else DEFAULT_STEPS
+    if opts.epochs is not None:
+        steps = max(1, -(-int(opts.epochs * n_train) // (opts.batch_size * opts.grad_accum)))
+    if steps < 1:
+        raise DataError(f"--steps must be >= 1, got {steps}")
+    return TrainConfig(steps=steps, batch_size=opts.batch_size, grad_accum=opts.grad_accum, lr=opts.lr,
+                       seed=opts.seed, save_every=opts.save_every)
+
+
+def _report(before: dict[str, float], after: dict[str, float], prepared: Prepared) -> list[str]:
+    lines = [f"before: {describe(before)}", f"after:  {describe(after)}"]
+    if isinstance(prepared.task, ClassificationTask):
+        label, rate = majority_rate(prepared.held_out)
+        lines.append(f"majority-class rate: {rate:.1%} (always {prepared.task.labels[label]!r}) "
+                     f"on {len(prepared.held_out)} held-out examples")
+    return lines
+
+
+def default_output() -> Path:
+    return Path("runs") / time.strftime("finetune-%Y%m%d-%H%M%S")
+
+
+def finetune(opts: Options, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
+    """Run a fine-tune; returns ``{"before": ..., "after": ..., "output": ..., "seconds": ...}``."""
+    started = time.perf_counter()
+    world = init_world()
+    try:
+        return _finetune(opts, world, started, callbacks)
+    finally:
+        close_world(world)
+
+
+def _finetune(opts: Options, world: World, started: float, callbacks: Sequence[Callback]) -> dict[str, Any]:
+    output = Path(opts.output) if opts.output else default_output()
+    settings = {**dataclasses.asdict(opts), "output": str(output), "world_size": world.size}
+    checkpoint = prepare_output(output, settings, resume=opts.resume, overwrite=opts.overwrite)
+    torch.manual_seed(opts.seed)
+    prepared = prepare(opts)
+    config = _train_config(opts, len(prepared.train))
+    adapt(prepared.model, adapter_config(opts), "default", dtype=torch.float32)
+    world.broadcast(list(adapter_tensors(prepared.model, "default").values()))
+    torch.manual_seed(opts.seed + world.rank)  # random ops in training (dropout) differ per process
+    if world.main:
+        start_run(output, settings, fresh=checkpoint is None)
+    world.barrier()
+    trainer = Trainer(prepared.model, prepared.task, prepared.train, config, output, world, callbacks)
+    if checkpoint is not None:
+        trainer.resume(checkpoint)
+    log = trainer.log
+    before = next((r for r in log.read() if r["kind"] == "eval" and r["when"] == "before"), None)
+    if before is None:
+        with disable(prepared.model):
+            before = evaluate(prepared.model, prepared.task, prepared.held_out, opts.eval_batch_size, world,
+                              "eval before")
+        log.write({"kind": "eval", "when": "before", **before})
+    trainer.train()
+    after = evaluate(prepared.model, prepared.task, prepared.held_out, opts.eval_batch_size, world, "eval after")
+    log.write({"kind": "eval", "when": "after", **after})
+    seconds = time.perf_counter() - started
+    if world.main:
+        save_adapter(prepared.model, output)
+        plotted = plot_loss(log.read(), output / "loss.png")
+        lines = _report(before, after, prepared) + [
+            f"wall time {seconds:.0f} s ({config.steps} steps of {config.global_batch} examples, "
+            f"{len(prepared.train)} training examples)",
+            f"adapter saved to {output}" + ("" if plotted else " (loss plot skipped: pip install matplotlib)")]
+        print("\n".join(lines))
+    return {"before": before, "after": after, "output": output, "seconds": seconds}
+
+
+def evaluate_adapter(opts: Options, adapter: str | None) -> dict[str, Any]:
+    """Before/after metrics of the base model and the base model with the adapter in folder ``adapter``."""
+    prepared = prepare(opts)
+    before = evaluate(prepared.model, prepared.task, prepared.held_out, opts.eval_batch_size, desc="eval base")
+    result: dict[str, Any] = {"before": before}
+    if adapter is not None:
+        load_adapter(prepared.model, adapter, dtype=torch.float32)
+        result["after"] = evaluate(prepared.model, prepared.task, prepared.held_out, opts.eval_batch_size,
+                                   desc="eval adapter")
+        print("\n".join(_report(before, result["after"], prepared)))
+    else:
+        print(f"base: {describe(before)}")
+    return result
