@@ -2,7 +2,8 @@
 
 Adapters live in :class:`~lorakit.hosts.host.HostLayer` modules that replace the targeted layers in place, so
 any model (transformers or plain PyTorch) keeps its own class and code. The model remembers each adapter's
-config in ``model._lorakit_configs``.
+config in ``model._lorakit_configs``. A method whose layers share state (random bases, shard pools) gets one
+:class:`~lorakit.methods.base.SharedState` per adapter, registered on the model as ``lorakit_shared.<name>``.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from torch import nn
 from .config import AdapterConfig
 from .errors import LorakitError, require
 from .hosts.host import HostLayer
-from .methods.base import METHODS, Adapter
+from .methods.base import METHODS, Adapter, SharedState
 from .routing.rows import RowRouting
 from .targeting import find_targets
 
@@ -24,6 +25,26 @@ from .targeting import find_targets
 def configs(model: nn.Module) -> dict[str, AdapterConfig]:
     """The adapters on ``model``: name -> config (empty when none)."""
     return model.__dict__.setdefault("_lorakit_configs", {})
+
+
+SHARED = "lorakit_shared"
+
+
+def shared_states(model: nn.Module) -> dict[str, SharedState]:
+    """Adapter name -> its shared state, for the adapters whose method has one."""
+    container = model._modules.get(SHARED)
+    return dict(container.items()) if container is not None else {}
+
+
+def _drop_shared(model: nn.Module, name: str | None) -> None:
+    """Remove adapter ``name``'s shared state (``None``: all of them) and the container once it is empty."""
+    container = model._modules.get(SHARED)
+    if container is None:
+        return
+    if name is not None and name in container:
+        del container[name]
+    if name is None or not len(container):
+        del model._modules[SHARED]
 
 
 def hosts(model: nn.Module) -> Iterator[HostLayer]:
@@ -45,15 +66,35 @@ def _check_names(model: nn.Module, names: Sequence[str]) -> None:
             raise LorakitError(f"unknown adapter {name!r}; this model has: {sorted(known) or 'none'}")
 
 
-def _build(host: HostLayer, config: AdapterConfig, path: str) -> Adapter:
+def _build_all(model: nn.Module, config: AdapterConfig, dtype: torch.dtype | None = None,
+               ) -> tuple[list[tuple[str, nn.Module, HostLayer, Adapter]], SharedState | None]:
+    """Build (without attaching) the adapter of every target, plus the method's shared state if it has one."""
     adapter_cls, _ = METHODS.get(config.method)
+    targets = [(path, module, module if isinstance(module, HostLayer) else HostLayer(module, path))
+               for path, module in find_targets(model, config)]
+    for path, _, host in targets:
+        _check_kind(adapter_cls, config, host, path)
+    shared = adapter_cls.shared_state(config, [host.geometry for _, _, host in targets])
+    if shared is not None:
+        w = targets[0][2].backend.weight()
+        shared.to(device=w.device, dtype=dtype or (w.dtype if w.is_floating_point() else None))
+    built = []
+    for path, module, host in targets:
+        extra = {} if shared is None else {"shared": shared}
+        adapter = adapter_cls(host.geometry, config.for_module(path), host.backend, **extra)
+        if dtype is not None:
+            adapter.to(dtype)
+        built.append((path, module, host, adapter))
+    return built, shared
+
+
+def _check_kind(adapter_cls: type[Adapter], config: AdapterConfig, host: HostLayer, path: str) -> None:
     kind = host.geometry.kind
     if kind not in adapter_cls.capabilities.layers:
         raise LorakitError(
             f"method {config.method!r} does not support {kind} layers ({path!r} is a "
             f"{type(host.base_layer).__name__}); it supports: {sorted(adapter_cls.capabilities.layers)}"
         )
-    return adapter_cls(host.geometry, config.for_module(path), host.backend)
 
 
 def adapt(
@@ -78,18 +119,15 @@ def adapt(
     require(isinstance(name, str) and name.isidentifier(), "name", name, "must be a Python identifier")
     if name in configs(model):
         raise LorakitError(f"adapter {name!r} already exists on this model; delete it first or pick another name")
-    targets = find_targets(model, config)
-    built: list[tuple[HostLayer, Adapter]] = []
-    for path, module in targets:  # build everything first: a failure leaves the model untouched
-        host = module if isinstance(module, HostLayer) else HostLayer(module, path)
-        adapter = _build(host, config, path)
-        if dtype is not None:
-            adapter.to(dtype)
-        built.append((host, adapter))
-    for (path, module), (host, adapter) in zip(targets, built):
+    built, shared = _build_all(model, config, dtype)  # build everything first: a failure leaves the model untouched
+    for path, module, host, adapter in built:
         if host is not module:
             _replace(model, path, host)
         host.add(name, adapter)
+    if shared is not None:
+        if SHARED not in model._modules:
+            model.add_module(SHARED, nn.ModuleDict())
+        model._modules[SHARED][name] = shared
     configs(model)[name] = config
     if activate:
         set_active(model, name)
@@ -100,10 +138,8 @@ def adapt(
 
 def _freeze_all_but_adapters(model: nn.Module) -> None:
     model.requires_grad_(False)
-    for host in hosts(model):
-        for adapter in host.adapters.values():
-            for p in adapter.trainable().values():
-                p.requires_grad_(True)
+    for p in trainable_parameters(model).values():
+        p.requires_grad_(True)
 
 
 def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
@@ -185,6 +221,7 @@ def unload(model: nn.Module, *, merge_active: bool = False) -> nn.Module:
         if not merge_active:
             host.unmerge()
         _replace(model, host.path, host.base_layer)
+    _drop_shared(model, None)
     configs(model).clear()
     return model
 
@@ -197,6 +234,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             host.remove(name)
             if not host.adapters:
                 _replace(model, host.path, host.base_layer)
+    _drop_shared(model, name)
     del configs(model)[name]
 
 
@@ -210,6 +248,10 @@ def trainable_parameters(model: nn.Module, name: str | None = None) -> dict[str,
             if name is None or adapter_name == name:
                 for key, p in adapter.trainable().items():
                     out[f"{host.path}.adapters.{adapter_name}.{key}"] = p
+    for adapter_name, shared in shared_states(model).items():
+        if name is None or adapter_name == name:
+            for key, p in shared.trainable().items():
+                out[f"{SHARED}.{adapter_name}.{key}"] = p
     return out
 
 
@@ -225,11 +267,12 @@ class TargetInfo:
 
 
 def inspect_targets(model: nn.Module, config: AdapterConfig) -> list[TargetInfo]:
-    """Dry run of :func:`adapt`: what would be adapted and how many trainable parameters each layer gets."""
+    """Dry run of :func:`adapt`: what would be adapted and how many trainable parameters each layer gets.
+
+    State shared across layers (see :class:`~lorakit.methods.base.SharedState`) is not counted per layer.
+    """
     rows = []
-    for path, module in find_targets(model, config):
-        host = module if isinstance(module, HostLayer) else HostLayer(module, path)
-        adapter = _build(host, config, path)
+    for path, _, host, adapter in _build_all(model, config)[0]:
         rows.append(TargetInfo(path, type(host.base_layer).__name__, host.geometry.kind,
                                tuple(host.backend.weight().shape),
                                sum(p.numel() for p in adapter.trainable().values())))

@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from zoo import perturb, tiny_llama
 
 import lorakit
 from lorakit.io.adapter_files import CONFIG_FILE, WEIGHTS_FILE
-from zoo import perturb, tiny_llama
 
 
 @pytest.fixture

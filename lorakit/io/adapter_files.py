@@ -1,9 +1,13 @@
 """Save and load adapters in PEFT's on-disk format.
 
-A directory holds ``adapter_config.json`` (PEFT's ``LoraConfig`` fields for methods PEFT has) and
+A directory holds ``adapter_config.json`` (PEFT's config fields for methods PEFT has) and
 ``adapter_model.safetensors`` with PEFT's keys, ``base_model.model.<module path>.<tensor>`` (e.g.
 ``...q_proj.lora_A.weight``, ``...q_proj.lora_magnitude_vector``). The safetensors metadata also records the
 lorakit method and its full config, so lorakit-only details (e.g. LoRA-FA's frozen ``A``) round-trip.
+
+State shared by all layers of an adapter (:class:`~lorakit.methods.base.SharedState`) is stored once, under
+``lorakit_shared.<tensor>``; a PEFT format whose file lays such tensors out differently translates the keys
+(:class:`~lorakit.io.peft_format.PeftFormat`). The PEFT formats are one table, keyed by ``peft_type``.
 """
 from __future__ import annotations
 
@@ -20,25 +24,44 @@ from torch import nn
 from ..config import AdapterConfig
 from ..errors import AdapterFileError, LorakitError
 from ..hosts.geometry import is_supported, is_transposed
-from ..inject import adapt, configs, delete_adapter, hosts
+from ..inject import SHARED, adapt, configs, delete_adapter, hosts, shared_states
 from ..methods.base import METHODS
 from ..targeting import candidate_modules
+from . import peft_lokr, peft_lora, peft_miss, peft_randlora
 from .files import PICKLE_SUFFIXES, read_json, read_safetensors, write_json, write_safetensors
-from .peft_lora import from_peft, to_peft
+from .peft_format import PeftFormat, common_fields
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+SHARED_PREFIX = f"{SHARED}."
+FORMATS: dict[str, PeftFormat] = {
+    f.peft_type: f for f in (peft_lora.FORMAT, peft_lokr.FORMAT, peft_miss.FORMAT, peft_randlora.FORMAT)
+}
 
 
-def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-    """PEFT-keyed state of adapter ``name``: ``base_model.model.<path>.<tensor>``."""
+def peft_format(config: AdapterConfig) -> PeftFormat | None:
+    """The PEFT format ``config`` is written in, or ``None`` when PEFT has no such method."""
+    return next((f for f in FORMATS.values() if type(config) in f.configs), None)
+
+
+def _state(model: nn.Module, name: str, keep_vars: bool = False) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for host in hosts(model):
         if name in host.adapters:
-            for key, value in host.adapters[name].state_dict().items():
+            for key, value in host.adapters[name].state_dict(keep_vars=keep_vars).items():
                 out[f"{PREFIX}{host.path}.{key}"] = value
+    shared = shared_states(model).get(name)
+    if shared is not None:
+        for key, value in shared.state_dict(keep_vars=keep_vars).items():
+            out[f"{SHARED_PREFIX}{key}"] = value
     return out
+
+
+def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """lorakit-keyed state of adapter ``name``: ``base_model.model.<path>.<tensor>`` per layer (PEFT's keys) and
+    ``lorakit_shared.<tensor>`` for state shared by all layers."""
+    return _state(model, name)
 
 
 def _target_modules(model: nn.Module, paths: list[str]) -> list[str] | str:
@@ -60,14 +83,18 @@ def save_adapter(model: nn.Module, directory: str | Path, name: str = "default")
     layers = [h for h in hosts(model) if name in h.adapters]
     if any(name in h.merged for h in layers):
         raise LorakitError(f"adapter {name!r} is merged; unmerge before saving so the file holds its own tensors")
-    paths = [h.path for h in layers]
-    base_name = getattr(getattr(model, "config", None), "name_or_path", None) or None
-    peft = to_peft(config, _target_modules(model, paths), any(is_transposed(h.base_layer) for h in layers), base_name)
     directory = Path(directory)
     metadata = {"format": "pt", "lorakit_method": config.method, "lorakit_config": json.dumps(config.to_dict())}
-    write_safetensors(directory / WEIGHTS_FILE, adapter_tensors(model, name), metadata)
-    write_json(directory / CONFIG_FILE, peft or {"peft_type": None, "lorakit_method": config.method,
-                                                  **config.to_dict()})
+    tensors, fmt = adapter_tensors(model, name), peft_format(config)
+    if fmt is None:
+        peft = {"peft_type": None, "lorakit_method": config.method, **config.to_dict()}
+    else:
+        base_name = getattr(getattr(model, "config", None), "name_or_path", None) or None
+        peft = {**common_fields(fmt.peft_type, _target_modules(model, [h.path for h in layers]), base_name),
+                **fmt.to_peft(config, any(is_transposed(h.base_layer) for h in layers))}
+        tensors = fmt.to_file(tensors, config)
+    write_safetensors(directory / WEIGHTS_FILE, tensors, metadata)
+    write_json(directory / CONFIG_FILE, peft)
     return directory
 
 
@@ -80,7 +107,13 @@ def _config_from_files(directory: Path, metadata: dict[str, str]) -> AdapterConf
         if unknown:
             warnings.warn(f"{directory}: ignoring unknown {config_cls.__name__} fields {unknown}", stacklevel=3)
         return config_cls(**{k: v for k, v in fields.items() if k in known})
-    return from_peft(read_json(directory / CONFIG_FILE), str(directory / CONFIG_FILE))
+    source = directory / CONFIG_FILE
+    data = read_json(source)
+    fmt = FORMATS.get(data.get("peft_type"))
+    if fmt is None:
+        raise AdapterFileError(f"{source}: peft_type={data.get('peft_type')!r} is not supported; "
+                               f"lorakit reads {', '.join(FORMATS)}")
+    return fmt.from_peft(data, str(source))
 
 
 def _module_paths(tensors: dict[str, Any], directory: Path, model: nn.Module) -> list[str]:
@@ -88,6 +121,8 @@ def _module_paths(tensors: dict[str, Any], directory: Path, model: nn.Module) ->
     present = {p for p, m in candidate_modules(model) if p and is_supported(getattr(m, "base_layer", m))}
     paths: dict[str, None] = {}
     for key in tensors:
+        if key.startswith(SHARED_PREFIX):
+            continue
         if not key.startswith(PREFIX):
             raise AdapterFileError(f"{directory / WEIGHTS_FILE}: key {key!r} does not start with {PREFIX!r}")
         rest = key[len(PREFIX):]
@@ -118,6 +153,9 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = "default",
         raise AdapterFileError(f"{directory} has no {WEIGHTS_FILE}{hint}")
     tensors, metadata = read_safetensors(directory / WEIGHTS_FILE)
     config = _config_from_files(directory, metadata)
+    fmt = peft_format(config)
+    if fmt is not None:
+        tensors = fmt.from_file(tensors, config)
     paths = _module_paths(tensors, directory, model)
     exact = "(?:" + "|".join(re.escape(p) for p in paths) + ")"
     adapt(model, config.replace(targets=exact, exclude=()), name, activate=activate, dtype=dtype)
@@ -131,11 +169,7 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = "default",
 
 
 def _fill(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], source: Path) -> None:
-    expected: dict[str, torch.Tensor] = {}
-    for host in hosts(model):
-        if name in host.adapters:
-            for key, param in host.adapters[name].state_dict(keep_vars=True).items():
-                expected[f"{PREFIX}{host.path}.{key}"] = param
+    expected = _state(model, name, keep_vars=True)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:

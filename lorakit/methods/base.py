@@ -35,11 +35,25 @@ class Capabilities:
     identity_at_init: bool = True
 
 
+class SharedState(nn.Module):
+    """Tensors one adapter shares across all its layers (random bases, shard pools, globally shared factors).
+
+    Built once per model and adapter name by :meth:`Adapter.shared_state`, registered on the model under
+    ``lorakit_shared.<adapter name>`` (so ``model.to`` moves it and files hold it once) and handed to each layer's
+    adapter, which keeps a reference without registering it as its own submodule.
+    """
+
+    def trainable(self) -> dict[str, nn.Parameter]:
+        """The shared tensors that are trained (default: every parameter; frozen bases are buffers)."""
+        return dict(self.named_parameters())
+
+
 class Adapter(nn.Module):
     """One named adapter on one host layer.
 
     Subclasses implement :meth:`forward`, :meth:`delta_weight` and :meth:`trainable`; the defaults for
-    merging add and subtract :meth:`delta_weight`.
+    merging add and subtract :meth:`delta_weight`. Methods with state shared across layers override
+    :meth:`shared_state` and take the result as the ``shared`` keyword of their constructor.
     """
 
     capabilities = Capabilities()
@@ -49,6 +63,20 @@ class Adapter(nn.Module):
         self.geometry = geometry
         self.config = config
 
+    @classmethod
+    def shared_state(cls, config: AdapterConfig, geometries: list[Geometry]) -> SharedState | None:
+        """State shared by every layer of one adapter, built once from all targeted layers' geometries."""
+        return None
+
+    @property
+    def shared(self) -> SharedState:
+        """The adapter's :class:`SharedState` (set by :meth:`hold_shared`)."""
+        return self.__dict__["_shared"]
+
+    def hold_shared(self, shared: SharedState) -> None:
+        """Keep a reference to ``shared`` without making it a submodule (its tensors are not this layer's)."""
+        self.__dict__["_shared"] = shared
+
     def forward(self, x: Tensor, base_out: Tensor, base: DenseBackend) -> Tensor:
         """The contribution to add to ``base_out`` (the frozen layer's output for the same rows)."""
         raise NotImplementedError
@@ -56,6 +84,9 @@ class Adapter(nn.Module):
     def fused_forward(self, x: Tensor, base: DenseBackend) -> Tensor | None:
         """Optionally compute ``base(x) + forward(...)`` in one fused op; ``None`` means "not here"."""
         return None
+
+    def attach(self, base: DenseBackend) -> None:
+        """Called once when the adapter joins its host layer: the place to rewrite the base (PiSSA's residual)."""
 
     def merge_scale(self, base: DenseBackend) -> Tensor | None:
         """Per-output-unit factor this adapter applies to the base weight when merged (``None``: 1).
