@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from zoo import Net, net, perturb
 
 import lorakit
-from zoo import Net, net, perturb
 
 
 def only_adapter(model):

@@ -34,8 +34,10 @@ class HostLayer(nn.Module):
         self.routing: RowRouting | None = None
 
     def add(self, name: str, adapter: nn.Module) -> None:
+        """Attach ``adapter`` (which may rewrite the base weight, see ``Adapter.attach``) under ``name``."""
         if name in self.adapters:
             raise LorakitError(f"layer {self.path!r} already has an adapter named {name!r}")
+        adapter.attach(self.backend)
         self.adapters[name] = adapter
 
     def remove(self, name: str) -> None:

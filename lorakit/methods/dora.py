@@ -23,8 +23,8 @@ from torch import Tensor, nn
 from ..errors import require
 from ..hosts.backend import DenseBackend
 from ..hosts.geometry import Geometry, per_unit
-from .base import Capabilities, register_method
 from ..kernels.lora_linear import lora_linear
+from .base import Capabilities, register_method
 from .lora import Lora, LoraConfig
 
 
@@ -43,6 +43,14 @@ class Dora(Lora):
         self._base_norm_cache: tuple[tuple[int, int], Tensor] | None = None
         # (d_out,) on linear layers, (1, d_out, 1, ...) on convolutions: PEFT's shapes
         self.lora_magnitude_vector = nn.Parameter(geometry.channel(self.column_norm(base)).to(self.a.dtype))
+
+    def attach(self, base: DenseBackend) -> None:
+        """After an initialiser's base rewrite, the magnitude restarts at the new ``||W_res + s B A||``."""
+        rewrites = self._rewrite is not None
+        super().attach(base)
+        if rewrites:
+            with torch.no_grad():
+                self.lora_magnitude_vector.copy_(self.geometry.channel(self.column_norm(base)))
 
     @torch.no_grad()
     def column_norm(self, base: DenseBackend) -> Tensor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +20,8 @@ from ..config import AdapterConfig, pattern_value
 from ..errors import require
 from ..hosts.backend import DenseBackend
 from ..hosts.geometry import Geometry, LinearGeometry
+from ..init.layout import BaseRewrite, base_matrix, factor_dtype
+from ..init.registry import INITS, Factors, check_init, options_of
 from ..kernels.lora_linear import lora_linear
 from .base import Adapter, Capabilities, register_method
 
@@ -36,7 +38,10 @@ class LoraConfig(AdapterConfig):
         dropout: dropout probability on the adapter's input.
         use_rslora: scale by ``alpha / sqrt(r)`` (rsLoRA).
         init: ``"kaiming"`` (PEFT's default: Kaiming-uniform ``A``, zero ``B``), ``"gaussian"`` (``A ~ N(0, 1/r)``,
-            zero ``B``) or ``"random"`` (both random: not identity at init; for tests and experiments).
+            zero ``B``), ``"random"`` (both random: not identity at init; for tests and experiments), or a registered
+            initialiser of ``B A`` factors (:mod:`lorakit.init`: ``"pissa"``, ``"olora"``, ``"loftq"`` run when the
+            adapter is built; ``"lora-ga"``, ``"eva"`` run on :func:`lorakit.initialize`).
+        init_options: options of a registered initialiser (e.g. ``{"niter": 4}`` for PiSSA's fast SVD).
         lora_bias: give ``B`` a trainable bias (PEFT's ``lora_bias``).
         rank_pattern / alpha_pattern: per-module ``r`` / ``alpha`` by regex on the module name (PEFT's rule).
     """
@@ -46,6 +51,7 @@ class LoraConfig(AdapterConfig):
     dropout: float = 0.0
     use_rslora: bool = False
     init: str = "kaiming"
+    init_options: Mapping[str, Any] = field(default_factory=dict)
     lora_bias: bool = False
     rank_pattern: Mapping[str, int] = field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = field(default_factory=dict)
@@ -55,7 +61,7 @@ class LoraConfig(AdapterConfig):
         require(isinstance(self.r, int) and self.r >= 1, "r", self.r, "must be a positive integer")
         require(isinstance(self.alpha, (int, float)) and self.alpha > 0, "alpha", self.alpha, "must be > 0")
         require(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "must be in [0, 1)")
-        require(self.init in LORA_INITS, "init", self.init, f"must be one of {', '.join(LORA_INITS)}")
+        check_init(self.init, self.init_options, "BA", LORA_INITS)
         for key, r in self.rank_pattern.items():
             require(isinstance(r, int) and r >= 1, f"rank_pattern[{key!r}]", r, "must be a positive integer")
         for key, a in self.alpha_pattern.items():
@@ -107,7 +113,9 @@ class Lora(Adapter):
         else:
             self.lora_A = _Factor(a_shape)
             self.lora_B = _Factor(b_shape, geometry.d_out if config.lora_bias else None)
-        self.reset(config.init)
+        self._rewrite: BaseRewrite | None = None
+        self.base_replaced = False  # an initialiser replaced the base (LoftQ): only valid on that base
+        self.reset(config.init, base)
         w = base.weight()
         self.to(device=w.device, dtype=w.dtype if w.is_floating_point() else None)
 
@@ -124,8 +132,22 @@ class Lora(Adapter):
         return None if self.geometry.kind == "embedding" else self.lora_B.bias
 
     @torch.no_grad()
-    def reset(self, init: str) -> None:
-        """Initialise the factors: PEFT's rules (embeddings: ``A = 0``, ``B ~ N(0, 1)``)."""
+    def reset(self, init: str, base: DenseBackend) -> None:
+        """Initialise the factors: PEFT's rules (embeddings: ``A = 0``, ``B ~ N(0, 1)``), or a registered initialiser.
+
+        Data-driven initialisers start from the ``"kaiming"`` rule here; :func:`lorakit.initialize` replaces it.
+        """
+        if init in INITS:
+            self._builtin_init("kaiming")
+            spec = INITS.get(init)
+            if not spec.needs_data:
+                w = base_matrix(self.geometry, base)  # (rows, cols)
+                factors = spec.fn(w, self.config.r, self.scale, **options_of(init, self.config.init_options))
+                self.apply_factors(factors, factor_dtype(base, self.a.dtype))
+        else:
+            self._builtin_init(init)
+
+    def _builtin_init(self, init: str) -> None:
         a, b = self.a, self.b
         if init == "random":
             nn.init.normal_(a, std=a[0].numel() ** -0.5)
@@ -139,6 +161,33 @@ class Lora(Adapter):
         else:
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
             nn.init.zeros_(b)
+
+    @torch.no_grad()
+    def apply_factors(self, factors: Factors, dtype: torch.dtype) -> None:
+        """Start from an initialiser's ``B``, ``A`` (rounded to ``dtype``); a base rewrite waits for :meth:`attach`.
+
+        A compensated start records ``B0, A0`` as ``init_lora_B`` / ``init_lora_A`` (not saved) so the adapter can
+        be exported as a plain LoRA on the original base (:func:`lorakit.export_lora`).
+        """
+        require(factors.m is None, "init", self.config.init,
+                "produces three factors (B M A); use it with a three-factor method (lora-xs, slora)")
+        b = factors.b.to(dtype).reshape(self.b.shape)
+        a = factors.a.to(dtype).reshape(self.a.shape)
+        self.b.copy_(b)
+        self.a.copy_(a)
+        if factors.compensate:
+            require(not hasattr(self, "init_lora_A"), "init", self.config.init, "was already applied to this adapter")
+            self.register_buffer("init_lora_B", b.clone(), persistent=False)
+            self.register_buffer("init_lora_A", a.clone(), persistent=False)
+            self._rewrite = BaseRewrite(up=self.scale * b.reshape(b.shape[0], -1), down=a.reshape(a.shape[0], -1))
+        elif factors.base is not None:
+            self._rewrite = BaseRewrite(replacement=factors.base)
+            self.base_replaced = True
+
+    def attach(self, base: DenseBackend) -> None:
+        if self._rewrite is not None:
+            self._rewrite.apply(self.geometry, base)
+            self._rewrite = None
 
     def lora_out(self, x: Tensor, apply_dropout: bool = True) -> Tensor:
         """``s * B A dropout(x)`` in the adapter's dtype."""

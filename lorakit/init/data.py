@@ -1,0 +1,161 @@
+"""Data-driven initialisation: ``lorakit.initialize(model, batches)`` for LoRA-GA, EVA and LoRA-SB.
+
+The adapter is created first (``adapt(model, LoraConfig(init="lora-ga"))`` starts it at its identity placeholder);
+``initialize`` then runs the *base* model (adapters disabled) on the batches and, for a group of
+``layers_per_pass`` layers at a time, collects each layer's statistic:
+
+* ``"gradient"``: the mean full-weight gradient ``dL/dW``. Only the group's base weights require grad during the
+  pass, so autograd builds no graph below the group and at most ``layers_per_pass`` full-weight gradients exist
+  at once (PEFT's ``preprocess_loraga`` keeps every target's gradient alive together);
+* ``"inputs"``: the Gram matrix ``X^T X`` of the layer's inputs, from forward hooks, under ``no_grad``.
+
+Each layer's statistic is reduced by the initialiser right away (to factors or a small summary) and freed. When
+the factors change a layer's rank (EVA), the adapter is rebuilt with a ``rank_pattern`` first.
+"""
+from __future__ import annotations
+
+import itertools
+import re
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import LorakitError, require
+from ..hosts.geometry import is_transposed
+from ..hosts.host import HostLayer
+from ..inject import active_adapters, adapt, configs, delete_adapter, disable, hosts, set_active
+from .layout import factor_dtype, precise
+from .registry import INITS, Factors, LayerInfo, options_of
+
+LossFn = Callable[[Any, Any], Tensor]
+
+
+def initialize(model: nn.Module, data: Iterable[Any], adapter: str = "default", *, batches: int = 8,
+               loss_fn: LossFn | None = None, layers_per_pass: int = 8) -> nn.Module:
+    """Run adapter ``adapter``'s data-driven initialiser (its config's ``init``) on the first ``batches`` of ``data``.
+
+    Args:
+        data: batches; a mapping is called as ``model(**batch)``, a tuple as ``model(*batch)``, else ``model(batch)``.
+        loss_fn: ``loss_fn(output, batch) -> scalar`` for gradient-based initialisers (default: ``output.loss``).
+        layers_per_pass: layers whose statistics are gathered in one pass over the batches (memory vs passes).
+    """
+    known = configs(model)
+    if adapter not in known:
+        raise LorakitError(f"unknown adapter {adapter!r}; this model has: {sorted(known) or 'none'}")
+    config = known[adapter]
+    init = getattr(config, "init", None)
+    require(init in INITS and INITS.get(init).needs_data, "init", init,
+            f"adapter {adapter!r} must use a data-driven initialiser "
+            f"({', '.join(n for n in INITS.names() if INITS.get(n).needs_data)})")
+    require(layers_per_pass >= 1, "layers_per_pass", layers_per_pass, "must be >= 1")
+    spec = INITS.get(init)
+    options = options_of(init, config.init_options)
+    layers = [h for h in hosts(model) if adapter in h.adapters]
+    for host in layers:
+        require(host.geometry.kind == "linear", "init", init,
+                f"needs linear layers; {host.path!r} is a {type(host.base_layer).__name__}")
+    stored = list(itertools.islice(data, batches))
+    require(len(stored) > 0, "data", data, "yielded no batches")
+    infos = {h.path: _info(h, adapter) for h in layers}
+    summaries: dict[str, Any] = {}
+    for start in range(0, len(layers), layers_per_pass):
+        group = layers[start : start + layers_per_pass]
+        collect = _gradients if spec.statistic == "gradient" else _input_grams
+        for path, stat in collect(model, group, stored, loss_fn).items():
+            summaries[path] = spec.fn(stat, infos[path], **options)
+    factors = spec.combine(summaries, infos, **options) if spec.combine else summaries
+    _apply(model, adapter, factors, infos)
+    return model
+
+
+def _info(host: HostLayer, adapter: str) -> LayerInfo:
+    module = host.adapters[adapter]
+    return LayerInfo(host.path, host.geometry.d_out, host.geometry.d_in, module.config.r, module.scale)
+
+
+def _call(model: nn.Module, batch: Any) -> Any:
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, tuple):
+        return model(*batch)
+    return model(batch)
+
+
+def _gradients(model: nn.Module, group: list[HostLayer], batches: list[Any],
+               loss_fn: LossFn | None) -> dict[str, Tensor]:
+    """Mean ``dL/dW`` of each layer in ``group`` (``(d_out, d_in)``, >= float32); other weights get no gradient."""
+    flags = {p: p.requires_grad for p in model.parameters()}
+    model.requires_grad_(False)
+    weights = {h.path: h.base_layer.weight for h in group}
+    try:
+        for w in weights.values():
+            w.requires_grad_(True)
+        with disable(model), torch.enable_grad():
+            for batch in batches:
+                out = _call(model, batch)
+                loss = loss_fn(out, batch) if loss_fn is not None else getattr(out, "loss", None)
+                require(isinstance(loss, Tensor), "loss_fn", loss_fn,
+                        "is needed: the model output has no .loss (pass loss_fn(output, batch) -> scalar)")
+                loss.backward()
+        grads = {}
+        for host in group:
+            g = precise(weights[host.path].grad) / len(batches)
+            grads[host.path] = g.t() if is_transposed(host.base_layer) else g  # (d_out, d_in)
+            weights[host.path].grad = None
+        return grads
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+
+
+def _input_grams(model: nn.Module, group: list[HostLayer], batches: list[Any],
+                 loss_fn: LossFn | None) -> dict[str, Tensor]:
+    """``X^T X`` of each layer's inputs over every token of every batch (``(d_in, d_in)``, >= float32)."""
+    grams: dict[str, Tensor] = {}
+
+    def hook(host: HostLayer) -> Callable[..., None]:
+        def record(module: nn.Module, args: tuple[Any, ...]) -> None:
+            x = precise(args[0].detach().reshape(-1, host.geometry.d_in))  # (tokens, d_in)
+            gram = x.t() @ x  # (d_in, d_in)
+            grams[host.path] = grams[host.path] + gram if host.path in grams else gram
+
+        return record
+
+    handles = [h.register_forward_pre_hook(hook(h)) for h in group]
+    try:
+        with disable(model), torch.no_grad():
+            for batch in batches:
+                _call(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return grams
+
+
+def _apply(model: nn.Module, adapter: str, factors: dict[str, Factors], infos: dict[str, LayerInfo]) -> None:
+    """Set every layer's factors, first rebuilding the adapter if the initialiser changed ranks or dropped layers."""
+    ranks = {p: f.a.shape[0] for p, f in factors.items()}
+    if ranks != {p: info.r for p, info in infos.items()}:
+        _rebuild(model, adapter, ranks, infos)
+    for host in hosts(model):
+        if host.path in factors:
+            module = host.adapters[adapter]
+            module.apply_factors(factors[host.path], factor_dtype(host.backend, next(module.parameters()).dtype))
+            module.attach(host.backend)
+
+
+def _rebuild(model: nn.Module, adapter: str, ranks: dict[str, int], infos: dict[str, LayerInfo]) -> None:
+    """Re-create ``adapter`` on the layers in ``ranks`` with those ranks, keeping each layer's scale."""
+    config = configs(model)[adapter]
+    was_active = active_adapters(model)
+    keys = {p: re.escape(p) for p in ranks}
+    root = (lambda r: r**0.5) if getattr(config, "use_rslora", False) else (lambda r: r)
+    new = config.replace(
+        targets="(?:" + "|".join(keys.values()) + ")", exclude=(),
+        rank_pattern={keys[p]: r for p, r in ranks.items()},
+        alpha_pattern={keys[p]: infos[p].scale * root(r) for p, r in ranks.items()},
+    )
+    delete_adapter(model, adapter)
+    adapt(model, new, adapter, activate=False)
+    set_active(model, [n for n in was_active if n in configs(model)])

@@ -1,0 +1,49 @@
+"""EVA (Paischer et al., 2024; METHODS.md entry 22): explained-variance initialisation with rank redistribution.
+
+For each layer, the inputs ``X`` (all tokens of the given batches, ``(n, d_in)``) have the SVD ``X = U S V^T``.
+``A`` takes the top right-singular vectors (rows of ``V^T``), ``B = 0`` (so the output is unchanged). Ranks are
+redistributed across layers: every layer offers its top ``rho * r`` components with explained-variance ratios
+``S_i^2 / sum_j S_j^2``; the ``sum(r)`` components with the largest ratios win (the total budget of the config
+stays fixed); a layer that wins none is left without an adapter. The scale ``alpha / r`` of each layer is kept
+(PEFT's ``adjust_scaling_factors``).
+
+lorakit accumulates the Gram matrix ``X^T X`` (``(d_in, d_in)``) and takes its eigendecomposition: the same right
+singular vectors as the stacked ``X``, exact and deterministic, instead of the paper's incremental SVD with early
+stopping (PEFT's ``IncrementalPCA`` also centres the data; EVA's paper and lorakit do not).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..errors import require
+from .registry import Factors, LayerInfo, register_init
+
+
+def allocate(ratios: dict[str, Tensor], budget: int, caps: dict[str, int]) -> dict[str, int]:
+    """Ranks per layer: the ``budget`` largest ratios over all layers, at most ``caps[path]`` from one layer."""
+    offers = [(-float(v), path, i) for path, rs in ratios.items() for i, v in enumerate(rs[: caps[path]].tolist())]
+    ranks = dict.fromkeys(ratios, 0)
+    for _, path, _ in sorted(offers)[:budget]:
+        ranks[path] += 1
+    return ranks
+
+
+def _combine(summaries: dict[str, tuple[Tensor, Tensor]], layers: dict[str, LayerInfo],
+             rho: float = 2.0) -> dict[str, Factors]:
+    budget = sum(layer.r for layer in layers.values())
+    caps = {p: int(round(rho * layers[p].r)) for p in summaries}
+    ranks = allocate({p: ratio for p, (_, ratio) in summaries.items()}, budget, caps)
+    return {p: Factors(b=vecs.new_zeros(layers[p].rows, ranks[p]), a=vecs[: ranks[p]].clone())
+            for p, (vecs, _) in summaries.items() if ranks[p] > 0}
+
+
+@register_init("eva", statistic="inputs", options={"rho": 2.0}, combine=_combine)
+def eva(gram: Tensor, layer: LayerInfo, rho: float = 2.0) -> tuple[Tensor, Tensor]:
+    """One layer's offer: its top ``rho * r`` right singular vectors ``(k, d_in)`` and their variance ratios."""
+    require(rho >= 1.0, "init_options['rho']", rho, "must be >= 1")
+    eigvals, eigvecs = torch.linalg.eigh(gram)  # ascending; (d_in,), (d_in, d_in)
+    k = min(int(round(rho * layer.r)), gram.shape[0])
+    eigvals = eigvals.flip(0).clamp_min(0)
+    vecs = eigvecs.flip(1)[:, :k].t()  # (k, d_in)
+    return vecs, eigvals[:k] / eigvals.sum()
