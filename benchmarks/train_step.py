@@ -90,7 +90,7 @@ def main() -> None:
     floor = medians["frozen base (floor)"]
     print(f"device={device} threads={torch.get_num_threads()} batch={args.batch}x{args.seq} reps={args.reps}")
     print(f"{'variant':<22}{'median ms':>11}{'x floor':>9}{'memory MB':>11}  memory measure")
-    for name, (model, params) in built.items():
+    for name, (_, params) in built.items():
         measure, nbytes = peak_bytes(steps[name], device, params)
         print(f"{name:<22}{medians[name] * 1e3:>11.1f}{medians[name] / floor:>9.3f}{nbytes / 2**20:>11.1f}  {measure}")
     for method in ("LoRA", "DoRA"):
