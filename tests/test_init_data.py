@@ -93,7 +93,7 @@ def test_lora_ga_gradients_are_gathered_a_group_of_layers_at_a_time():
     assert all(p.requires_grad == ("lora_" in n) for n, p in model.named_parameters())
 
 
-def test_lora_ga_on_a_transformers_model_uses_the_output_loss_and_keeps_outputs():
+def test_lora_ga_on_a_transformers_model_uses_the_output_loss_and_keeps_outputs(tmp_path):
     from zoo import tiny_llama
 
     ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -102,6 +102,8 @@ def test_lora_ga_on_a_transformers_model_uses_the_output_loss_and_keeps_outputs(
     lorakit.adapt(model, lorakit.LoraConfig(r=2, alpha=4, init="lora-ga"))
     lorakit.initialize(model, [{"input_ids": ids, "labels": ids}], layers_per_pass=5)
     torch.testing.assert_close(model(ids).logits, expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(lorakit.LorakitError, match="export_lora"):  # a plain file would be wrong on the stock base
+        lorakit.save_adapter(model, tmp_path)
     with pytest.raises(lorakit.ConfigError, match="data-driven initialiser"):
         lorakit.initialize(lorakit.adapt(tiny_llama(), lorakit.LoraConfig(init="pissa")), [ids])
 

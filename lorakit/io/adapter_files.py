@@ -81,6 +81,11 @@ def save_adapter(model: nn.Module, directory: str | Path, name: str = "default")
         raise LorakitError(f"unknown adapter {name!r}; this model has: {sorted(known) or 'none'}")
     config = known[name]
     layers = [h for h in hosts(model) if name in h.adapters]
+    if not all(h.adapters[name].reproducible_from_file for h in layers):
+        raise LorakitError(
+            f"adapter {name!r} was initialised from data ({config.init!r}) by rewriting the base weights, which a "
+            "file cannot reproduce on the stock model; save it with lorakit.export_lora(model, directory, name)"
+        )
     if any(name in h.merged for h in layers):
         raise LorakitError(f"adapter {name!r} is merged; unmerge before saving so the file holds its own tensors")
     directory = Path(directory)

@@ -85,6 +85,11 @@ class Adapter(nn.Module):
         """Optionally compute ``base(x) + forward(...)`` in one fused op; ``None`` means "not here"."""
         return None
 
+    @property
+    def reproducible_from_file(self) -> bool:
+        """Whether its saved tensors plus the stock base (re-initialised on load) reproduce this adapter."""
+        return True
+
     def attach(self, base: DenseBackend) -> None:
         """Called once when the adapter joins its host layer: the place to rewrite the base (PiSSA's residual)."""
 

@@ -184,6 +184,12 @@ class Lora(Adapter):
             self._rewrite = BaseRewrite(replacement=factors.base)
             self.base_replaced = True
 
+    @property
+    def reproducible_from_file(self) -> bool:
+        """False when a data-driven initialiser (LoRA-GA, ...) rewrote the base: loading cannot redo that."""
+        rewrote = hasattr(self, "init_lora_A")
+        return not (rewrote and self.config.init in INITS and INITS.get(self.config.init).needs_data)
+
     def attach(self, base: DenseBackend) -> None:
         if self._rewrite is not None:
             self._rewrite.apply(self.geometry, base)
