@@ -76,3 +76,31 @@ def test_loftq_adapters_refuse_export_to_the_stock_model(tmp_path):
     model = lorakit.adapt(tiny_llama(), lorakit.LoraConfig(r=2, init="loftq", targets=["q_proj"]))
     with pytest.raises(lorakit.ConfigError, match="quantised weight"):
         lorakit.export_lora(model, tmp_path)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_saved_residual_adapters_load_both_ways_because_peft_redoes_the_init(init, tmp_path):
+    ours = lorakit.adapt(tiny_llama(), lorakit.LoraConfig(r=4, alpha=8, init=init))
+    trained(ours)
+    expected = ours(IDS).logits
+    lorakit.save_adapter(ours, tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "ours").eval()
+    torch.testing.assert_close(theirs(IDS).logits, expected, atol=1e-5, rtol=1e-5)
+    theirs.save_pretrained(tmp_path / "theirs")
+    reloaded = lorakit.load_adapter(tiny_llama(), tmp_path / "theirs")  # PEFT's file: read through its config
+    assert lorakit.configs(reloaded)["default"].init == init
+    torch.testing.assert_close(reloaded(IDS).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_peft_inits_that_cannot_be_redone_are_refused(tmp_path):
+    import json
+
+    model = lorakit.adapt(tiny_llama(), lorakit.LoraConfig(r=4, targets=["q_proj"]))
+    model_dir = tmp_path / "a"
+    peft_model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    peft_model.save_pretrained(model_dir)
+    cfg = json.loads((model_dir / "adapter_config.json").read_text())
+    cfg["init_lora_weights"] = "loftq"
+    (model_dir / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(lorakit.AdapterFileError, match="init_lora_weights='loftq'"):
+        lorakit.load_adapter(model, model_dir, name="x")

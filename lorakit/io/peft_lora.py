@@ -29,8 +29,37 @@ def to_peft(config: AdapterConfig, fan_in_fan_out: bool) -> dict[str, Any]:
         "r": config.r, "lora_alpha": config.alpha, "lora_dropout": config.dropout, "use_rslora": config.use_rslora,
         "use_dora": isinstance(config, DoraConfig), "lora_bias": config.lora_bias,
         "rank_pattern": dict(config.rank_pattern), "alpha_pattern": dict(config.alpha_pattern),
-        "init_lora_weights": True,
+        "init_lora_weights": _peft_init(config),
     }
+
+
+# PEFT ``init_lora_weights`` values that leave the base weight untouched: the file's tensors say everything.
+_PLAIN_INITS = (True, False, "gaussian", "eva")
+
+
+def _peft_init(config: LoraConfig) -> bool | str:
+    """PEFT's ``init_lora_weights`` for inits that rewrite the base from the weight alone, so PEFT redoes them."""
+    if config.init == "olora":
+        return "olora"
+    if config.init == "pissa":
+        niter = config.init_options.get("niter")
+        return "pissa" if niter is None else f"pissa_niter_{niter}"
+    return True
+
+
+def _init_from_peft(value: Any, source: str) -> dict[str, Any]:
+    """lorakit ``init`` / ``init_options`` that rebuild the residual base PEFT's init left, or a clear refusal."""
+    if value in _PLAIN_INITS:
+        return {}
+    if value in ("pissa", "olora"):
+        return {"init": value}
+    if isinstance(value, str) and value.startswith("pissa_niter_") and value[len("pissa_niter_"):].isdigit():
+        return {"init": "pissa", "init_options": {"niter": int(value[len("pissa_niter_"):])}}
+    raise AdapterFileError(
+        f"{source}: init_lora_weights={value!r} rewrote the base model in a way lorakit cannot redo on load; "
+        "supported: true, false, 'gaussian', 'eva', 'pissa', 'pissa_niter_<n>', 'olora' (convert the adapter with "
+        "PEFT's path_initial_model_for_weight_conversion first)"
+    )
 
 
 def from_peft(data: dict[str, Any], source: str) -> LoraConfig:
@@ -43,6 +72,7 @@ def from_peft(data: dict[str, Any], source: str) -> LoraConfig:
             r=int(data["r"]), alpha=float(data["lora_alpha"]), dropout=float(data.get("lora_dropout") or 0.0),
             use_rslora=bool(data.get("use_rslora", False)), lora_bias=bool(data.get("lora_bias", False)),
             rank_pattern=dict(data.get("rank_pattern") or {}), alpha_pattern=dict(data.get("alpha_pattern") or {}),
+            **_init_from_peft(data.get("init_lora_weights", True), source),
         )
     except (TypeError, ValueError) as exc:
         raise AdapterFileError(f"{source}: {exc}") from None
