@@ -1,6 +1,7 @@
 """Shared helpers for the side-by-side benchmarks: models, timing, memory accounting."""
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from contextlib import contextmanager
@@ -70,3 +71,40 @@ def peak_bytes(step: Callable[[], None], device: torch.device, params: list[torc
         step()
     state = sum(p.numel() * p.element_size() * 4 for p in params)  # weight + grad + Adam m, v
     return "saved activations + trainable state", total[0] + state
+
+
+def step_parser(doc: str | None, reps: int, warmup: int) -> argparse.ArgumentParser:
+    """The arguments every train-step benchmark takes."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, default=reps)
+    parser.add_argument("--warmup", type=int, default=warmup)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave the default)")
+    return parser
+
+
+Built = tuple[torch.nn.Module, list[torch.Tensor]]
+
+
+def run_steps(variants: dict[str, Callable[[torch.device], Built]], args: argparse.Namespace,
+              make_step: Callable[[torch.nn.Module, torch.Tensor, list[torch.Tensor]], Callable[[], None]],
+              ) -> dict[str, float]:
+    """Build every variant, time its train step interleaved, print one table (x the first variant); medians."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    ids = torch.randint(0, 8192, (args.batch, args.seq), generator=torch.Generator().manual_seed(0)).to(device)
+    built = {name: build(device) for name, build in variants.items()}
+    steps = {name: make_step(model, ids, params) for name, (model, params) in built.items()}
+    medians = interleaved_medians(steps, args.reps, args.warmup, device)
+    floor = medians[next(iter(variants))]
+    print(f"device={device} threads={torch.get_num_threads()} batch={args.batch}x{args.seq} reps={args.reps}")
+    print(f"{'variant':<22}{'trainable':>12}{'median ms':>11}{'x floor':>9}{'memory MB':>11}  memory measure")
+    for name, (_, params) in built.items():
+        measure, nbytes = peak_bytes(steps[name], device, params)
+        n = sum(p.numel() for p in params)
+        print(f"{name:<22}{n:>12,}{medians[name] * 1e3:>11.1f}{medians[name] / floor:>9.3f}{nbytes / 2**20:>11.1f}"
+              f"  {measure}")
+    return medians

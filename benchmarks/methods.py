@@ -9,11 +9,10 @@ implementation with the same hyper-parameters runs beside it.
 """
 from __future__ import annotations
 
-import argparse
 from typing import Any, Callable
 
 import torch
-from common import interleaved_medians, peak_bytes, tiny_llama
+from common import Built, run_steps, step_parser, tiny_llama
 from train_step import frozen_floor, make_step
 
 import lorakit
@@ -26,9 +25,6 @@ PEFT_PEERS: dict[str, tuple[str, dict[str, Any]]] = {
     "bone": ("MissConfig", dict(r=8)),
     "randlora": ("RandLoraConfig", dict(r=32, randlora_alpha=640)),
 }
-
-Built = tuple[torch.nn.Module, list[torch.Tensor]]
-
 
 def ours(method: str) -> Callable[[torch.device], Built]:
     def build(device: torch.device) -> Built:
@@ -49,42 +45,19 @@ def theirs(method: str) -> Callable[[torch.device], Built]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave the default)")
+    parser = step_parser(__doc__, reps=5, warmup=1)
     parser.add_argument("--methods", default="", help="comma-separated subset (default: every registered method)")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    ids = torch.randint(0, 8192, (args.batch, args.seq), generator=torch.Generator().manual_seed(0)).to(device)
     methods = args.methods.split(",") if args.methods else lorakit.METHODS.names()
-
     variants: dict[str, Callable[[torch.device], Built]] = {"frozen base (floor)": frozen_floor}
     for method in methods:
         variants[f"lorakit {method}"] = ours(method)
         if method in PEFT_PEERS:
             variants[f"PEFT {method}"] = theirs(method)
-    built = {name: build(device) for name, build in variants.items()}
-    steps = {name: make_step(model, ids, params) for name, (model, params) in built.items()}
-    medians = interleaved_medians(steps, args.reps, args.warmup, device)
-    floor = medians["frozen base (floor)"]
-
-    print(f"device={device} threads={torch.get_num_threads()} batch={args.batch}x{args.seq} reps={args.reps}")
-    print(f"{'variant':<22}{'trainable':>12}{'median ms':>11}{'x floor':>9}{'memory MB':>11}  memory measure")
-    for name, (_, params) in built.items():
-        measure, nbytes = peak_bytes(steps[name], device, params)
-        n = sum(p.numel() for p in params)
-        print(f"{name:<22}{n:>12,}{medians[name] * 1e3:>11.1f}{medians[name] / floor:>9.3f}{nbytes / 2**20:>11.1f}"
-              f"  {measure}")
+    medians = run_steps(variants, args, make_step)
     for method in methods:
         if method in PEFT_PEERS:
-            ratio = medians[f"lorakit {method}"] / medians[f"PEFT {method}"]
-            print(f"lorakit/PEFT {method} step time: {ratio:.3f}")
+            print(f"lorakit/PEFT {method} step time: {medians[f'lorakit {method}'] / medians[f'PEFT {method}']:.3f}")
 
 
 if __name__ == "__main__":

@@ -9,10 +9,8 @@ floor every adapter method pays).
 """
 from __future__ import annotations
 
-import argparse
-
 import torch
-from common import interleaved_medians, peak_bytes, tiny_llama
+from common import run_steps, step_parser, tiny_llama
 
 import lorakit
 
@@ -71,28 +69,8 @@ VARIANTS = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave the default)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    ids = torch.randint(0, 8192, (args.batch, args.seq), generator=torch.Generator().manual_seed(0)).to(device)
-
-    built = {name: build(device) for name, build in VARIANTS.items()}
-    steps = {name: make_step(model, ids, params) for name, (model, params) in built.items()}
-    medians = interleaved_medians(steps, args.reps, args.warmup, device)
-    floor = medians["frozen base (floor)"]
-    print(f"device={device} threads={torch.get_num_threads()} batch={args.batch}x{args.seq} reps={args.reps}")
-    print(f"{'variant':<22}{'median ms':>11}{'x floor':>9}{'memory MB':>11}  memory measure")
-    for name, (_, params) in built.items():
-        measure, nbytes = peak_bytes(steps[name], device, params)
-        print(f"{name:<22}{medians[name] * 1e3:>11.1f}{medians[name] / floor:>9.3f}{nbytes / 2**20:>11.1f}  {measure}")
+    args = step_parser(__doc__, reps=20, warmup=3).parse_args()
+    medians = run_steps(VARIANTS, args, make_step)
     for method in ("LoRA", "DoRA"):
         print(f"lorakit/PEFT {method} step time: {medians[f'lorakit {method}'] / medians[f'PEFT {method}']:.3f}")
 
