@@ -1,10 +1,26 @@
 import random
+from pathlib import Path
 
 import pytest
 import torch
+from test_cli import FILLER, make_model_folder, write_jsonl
 
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     random.seed(0)
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama with a word-level tokenizer, saved like a hub model."""
+    return make_model_folder(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Texts of 2 to 12 words, so micro-batches hold different numbers of tokens."""
+    rng = random.Random(1)
+    rows = [{"text": " ".join(rng.choices(FILLER, k=rng.randint(2, 12)))} for _ in range(120)]
+    return write_jsonl(tmp_path_factory.mktemp("data") / "texts.jsonl", rows)

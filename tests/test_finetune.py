@@ -3,7 +3,6 @@ resumption after Ctrl-C, and clear stops on NaN loss and out-of-memory."""
 from __future__ import annotations
 
 import importlib.util
-import random
 from pathlib import Path
 
 import pytest
@@ -17,19 +16,6 @@ from lorakit.train.errors import DataError, TrainingError
 from lorakit.train.loop import StepResult, Trainer
 from lorakit.train.run import Options, finetune
 from lorakit.train.tasks import IGNORE, CausalLMTask, SFTTask
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_model_folder(tmp_path_factory.mktemp("tiny") / "model")
-
-
-@pytest.fixture(scope="module")
-def texts(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Texts of 2 to 12 words, so micro-batches hold different numbers of tokens."""
-    rng = random.Random(1)
-    rows = [{"text": " ".join(rng.choices(FILLER, k=rng.randint(2, 12)))} for _ in range(120)]
-    return write_jsonl(tmp_path_factory.mktemp("data") / "texts.jsonl", rows)
 
 
 def lm_options(model_dir: Path, data: Path, output: Path, **changes: object) -> Options:

@@ -22,6 +22,7 @@ from torch import nn
 from ..io.adapter_files import WEIGHTS_FILE, adapter_tensors, save_adapter
 from ..io.files import read_json, read_safetensors, write_json
 from .errors import TrainingError
+from .hooks import TrainingHook
 
 RUN_FILE, METRICS_FILE, TRAINER_FILE, STATE_FILE = "run.json", "metrics.jsonl", "trainer.pt", "state.json"
 KEEP = 2
@@ -79,15 +80,15 @@ def start_run(output: Path, run: dict[str, Any], *, fresh: bool) -> None:
 
 
 def save_checkpoint(output: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                    state: dict[str, Any]) -> Path:
+                    state: dict[str, Any], hooks_state: dict[str, Any] | None = None) -> Path:
     """Write ``checkpoint-<state['step']>`` atomically and prune old checkpoints; returns its path."""
     target = output / f"checkpoint-{state['step']}"
     tmp = Path(tempfile.mkdtemp(dir=output, prefix=f".{target.name}."))
     try:
         save_adapter(model, tmp)
         rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng},
-                   tmp / TRAINER_FILE)
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng,
+                    "hooks": hooks_state or {}}, tmp / TRAINER_FILE)
         write_json(tmp / STATE_FILE, state)
         if target.exists():
             shutil.rmtree(target)
@@ -100,16 +101,24 @@ def save_checkpoint(output: Path, model: nn.Module, optimizer: torch.optim.Optim
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                    *, restore_rng: bool = True) -> dict[str, Any]:
-    """Restore adapter tensors, optimizer, scheduler (and RNG) from ``path``; returns its ``state.json``."""
+                    hooks: TrainingHook | None = None, *, restore_rng: bool = True) -> dict[str, Any]:
+    """Restore hook state, adapter tensors, optimizer, scheduler (and RNG) from ``path``; returns ``state.json``.
+
+    Hooks are restored first: one that changed ranks reshapes the adapter before its tensors are copied in.
+    """
+    trainer = torch.load(path / TRAINER_FILE, weights_only=True)
+    if hooks is not None:
+        hooks.load_state_dict(trainer.get("hooks", {}), model)
     saved, _ = read_safetensors(path / WEIGHTS_FILE)
     current = adapter_tensors(model, "default")
     if set(saved) != set(current):
         raise TrainingError(f"{path} does not fit this model's adapter (keys differ)")
+    misfits = sorted(k for k, t in current.items() if t.shape != saved[k].shape)
+    if misfits:
+        raise TrainingError(f"{path} does not fit this model's adapter (shapes differ for {misfits[:3]})")
     with torch.no_grad():
         for key, tensor in current.items():
             tensor.copy_(saved[key])
-    trainer = torch.load(path / TRAINER_FILE, weights_only=True)
     optimizer.load_state_dict(trainer["optimizer"])
     scheduler.load_state_dict(trainer["scheduler"])
     if restore_rng:

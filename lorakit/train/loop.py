@@ -12,7 +12,7 @@ import math
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -22,10 +22,12 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from ..inject import trainable_parameters
+from ..optim import build_optimizer
 from .checkpoint import METRICS_FILE, MetricsLog, load_checkpoint, save_checkpoint
 from .data import BatchOrder
 from .ddp import SINGLE, World, sync_gradients
 from .errors import TrainingError, explain_out_of_memory
+from .hooks import HookList, TrainingHook, optimized_parameters
 from .tasks import Example, Task
 
 
@@ -42,6 +44,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     seed: int = 0
     save_every: int = 0  # 0: only the final adapter (and a checkpoint on Ctrl-C)
+    optimizer: str = "adamw"  # a name in lorakit.optim.OPTIMIZERS
+    optimizer_options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def global_batch(self) -> int:
@@ -80,16 +84,21 @@ def _deferred_interrupt() -> Iterator[None]:
 
 
 class Trainer:
-    """Trains the adapter named ``default`` on ``model`` over ``examples`` with ``task``'s loss."""
+    """Trains the adapter named ``default`` on ``model`` over ``examples`` with ``task``'s loss.
+
+    ``hooks`` (:class:`~lorakit.train.hooks.TrainingHook`) change ranks, layers or update rules during training;
+    ``callbacks`` only observe each finished step (logging, early stop).
+    """
 
     def __init__(self, model: nn.Module, task: Task, examples: Sequence[Example], config: TrainConfig,
-                 output: Path, world: World = SINGLE, callbacks: Sequence[Callback] = ()) -> None:
+                 output: Path, world: World = SINGLE, callbacks: Sequence[Callback] = (),
+                 hooks: Sequence[TrainingHook] = ()) -> None:
         world.check_batch(config.batch_size)
         self.model, self.task, self.examples, self.config = model, task, examples, config
         self.output, self.world, self.callbacks = output, world, list(callbacks)
-        self.params = list(trainable_parameters(model, "default").values())
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay,
-                                           fused=True)
+        self.hooks = HookList(hooks)
+        self.optimizer = build_optimizer(config.optimizer, trainable_parameters(model, "default"), lr=config.lr,
+                                         weight_decay=config.weight_decay, **config.optimizer_options)
         self.scheduler = get_linear_schedule_with_warmup(
             self.optimizer, math.ceil(config.warmup * config.steps), config.steps)
         self.order = BatchOrder(len(examples), config.global_batch, config.seed)
@@ -97,9 +106,15 @@ class Trainer:
         self.step = 0
         self.last_checkpoint: Path | None = None
 
+    @property
+    def params(self) -> list[nn.Parameter]:
+        """The tensors trained now (hooks may prune, grow or freeze them between steps)."""
+        return optimized_parameters(self.optimizer)
+
     def resume(self, checkpoint: Path) -> None:
         """Continue from ``checkpoint`` (RNG restored in the main process; others are re-seeded per rank)."""
-        state = load_checkpoint(checkpoint, self.model, self.optimizer, self.scheduler, restore_rng=self.world.main)
+        state = load_checkpoint(checkpoint, self.model, self.optimizer, self.scheduler, self.hooks,
+                                restore_rng=self.world.main)
         if not self.world.main:
             torch.manual_seed(self.config.seed + 7919 * self.world.rank + state["step"])
         self.step, self.last_checkpoint = state["step"], checkpoint
@@ -110,12 +125,14 @@ class Trainer:
         current = self.last_checkpoint is not None and self.last_checkpoint.name == f"checkpoint-{self.step}"
         if self.world.main and not current:
             state = {"step": self.step, **self.order.position(self.step)}
-            self.last_checkpoint = save_checkpoint(self.output, self.model, self.optimizer, self.scheduler, state)
+            self.last_checkpoint = save_checkpoint(self.output, self.model, self.optimizer, self.scheduler, state,
+                                                   self.hooks.state_dict())
         return self.last_checkpoint
 
     def train(self) -> None:
         """Run steps until ``config.steps``; on Ctrl-C save a checkpoint and re-raise."""
         self.model.train()
+        self.hooks.on_train_begin(self.model, self.optimizer)
         bar = tqdm(total=self.config.steps, initial=self.step, desc="train", unit="step",
                    disable=not self.world.main, dynamic_ncols=True)
         try:
@@ -143,6 +160,7 @@ class Trainer:
         batch = [self.examples[i] for i in self.order.indices(self.step)]
         total = sum(e.weight for e in batch)  # loss terms in the global batch: the one normaliser
         loss_sum, tokens = 0.0, 0
+        self.hooks.before_forward(self.model, self.step)
         with explain_out_of_memory(f"at step {self.step + 1} with --batch-size {self.config.batch_size}: reduce "
                                    f"--batch-size (raise --grad-accum to keep the global batch) or --max-length"):
             for first in range(0, len(batch), self.config.batch_size):
@@ -152,6 +170,9 @@ class Trainer:
                 (sums.loss / total).backward()
                 loss_sum += sums.loss.item()
                 tokens += int(inputs["attention_mask"].sum())
+            extra = self.hooks.regulariser(self.model)
+            if extra is not None:  # once per step; gradients are summed over processes
+                (extra / self.world.size).backward()
         loss_sum, tokens = sync_gradients(self.world, self.params, [loss_sum, float(tokens)])
         loss = loss_sum / total
         norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm))
@@ -163,8 +184,10 @@ class Trainer:
                                 f"applying it: {kept}. Lower --lr or check the data")
         with _deferred_interrupt():
             lr = self.scheduler.get_last_lr()[0]
+            self.hooks.before_step(self.model, self.optimizer, self.step)
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
+            self.hooks.after_step(self.model, self.optimizer, self.step)
         return StepResult(self.step, loss, lr, norm, int(tokens), time.perf_counter() - start)

@@ -25,6 +25,7 @@ from .data import Record, read_records, split
 from .ddp import World, close_world, init_world
 from .errors import DataError
 from .evaluate import describe, evaluate, majority_rate
+from .hooks import TrainingHook
 from .loop import Callback, TrainConfig, Trainer
 from .model import load_model
 from .plot import plot_loss
@@ -158,17 +159,21 @@ def default_output() -> Path:
     return Path("runs") / time.strftime("finetune-%Y%m%d-%H%M%S")
 
 
-def finetune(opts: Options, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
-    """Run a fine-tune; returns ``{"before": ..., "after": ..., "output": ..., "seconds": ...}``."""
+def finetune(opts: Options, callbacks: Sequence[Callback] = (), hooks: Sequence[TrainingHook] = ()) -> dict[str, Any]:
+    """Run a fine-tune; returns ``{"before": ..., "after": ..., "output": ..., "seconds": ...}``.
+
+    ``callbacks`` observe each finished step; ``hooks`` change ranks, layers or update rules (see ``train.hooks``).
+    """
     started = time.perf_counter()
     world = init_world()
     try:
-        return _finetune(opts, world, started, callbacks)
+        return _finetune(opts, world, started, callbacks, hooks)
     finally:
         close_world(world)
 
 
-def _finetune(opts: Options, world: World, started: float, callbacks: Sequence[Callback]) -> dict[str, Any]:
+def _finetune(opts: Options, world: World, started: float, callbacks: Sequence[Callback],
+              hooks: Sequence[TrainingHook]) -> dict[str, Any]:
     output = Path(opts.output) if opts.output else default_output()
     settings = {**dataclasses.asdict(opts), "output": str(output), "world_size": world.size}
     checkpoint = prepare_output(output, settings, resume=opts.resume, overwrite=opts.overwrite)
@@ -181,7 +186,7 @@ def _finetune(opts: Options, world: World, started: float, callbacks: Sequence[C
     if world.main:
         start_run(output, settings, fresh=checkpoint is None)
     world.barrier()
-    trainer = Trainer(prepared.model, prepared.task, prepared.train, config, output, world, callbacks)
+    trainer = Trainer(prepared.model, prepared.task, prepared.train, config, output, world, callbacks, hooks)
     if checkpoint is not None:
         trainer.resume(checkpoint)
     log = trainer.log
