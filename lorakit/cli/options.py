@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from ..init import INITS
 from ..methods.base import METHODS
 from ..train.run import DEFAULT_STEPS, Options
 from ..train.tasks import TASKS
@@ -25,6 +26,11 @@ def add_adapter_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--alpha", type=float, default=_DEFAULTS.alpha, help="scale numerator (update * alpha / r)")
     group.add_argument("--targets", default=_DEFAULTS.targets,
                        help="'all-linear', comma-separated module names (q_proj,v_proj) or a regex over module paths")
+    group.add_argument("--init", help="initialiser of the adapter's factors (default: the method's own), e.g. "
+                                      f"{', '.join(INITS.names())}; data-driven ones run on the first "
+                                      "--init-batches training batches")
+    group.add_argument("--init-batches", type=int, default=_DEFAULTS.init_batches,
+                       help="training batches a data-driven initialiser sees")
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:

@@ -29,15 +29,19 @@ from .layout import factor_dtype, precise
 from .registry import INITS, Factors, LayerInfo, options_of
 
 LossFn = Callable[[Any, Any], Tensor]
+ModelLoss = Callable[[nn.Module, Any], Tensor]
 
 
 def initialize(model: nn.Module, data: Iterable[Any], adapter: str = "default", *, batches: int = 8,
-               loss_fn: LossFn | None = None, layers_per_pass: int = 8) -> nn.Module:
+               loss_fn: LossFn | None = None, model_loss: ModelLoss | None = None,
+               layers_per_pass: int = 8) -> nn.Module:
     """Run adapter ``adapter``'s data-driven initialiser (its config's ``init``) on the first ``batches`` of ``data``.
 
     Args:
         data: batches; a mapping is called as ``model(**batch)``, a tuple as ``model(*batch)``, else ``model(batch)``.
         loss_fn: ``loss_fn(output, batch) -> scalar`` for gradient-based initialisers (default: ``output.loss``).
+        model_loss: ``model_loss(model, batch) -> scalar``, instead of calling the model here and ``loss_fn``
+            (for losses that need their own forward, e.g. a task's); its value is unused for input statistics.
         layers_per_pass: layers whose statistics are gathered in one pass over the batches (memory vs passes).
     """
     known = configs(model)
@@ -49,7 +53,9 @@ def initialize(model: nn.Module, data: Iterable[Any], adapter: str = "default", 
             f"adapter {adapter!r} must use a data-driven initialiser "
             f"({', '.join(n for n in INITS.names() if INITS.get(n).needs_data)})")
     require(layers_per_pass >= 1, "layers_per_pass", layers_per_pass, "must be >= 1")
+    require(model_loss is None or loss_fn is None, "model_loss", model_loss, "replaces loss_fn; give one of them")
     spec = INITS.get(init)
+    forward = model_loss or (_loss_of(loss_fn) if spec.statistic == "gradient" else _call)
     options = options_of(init, config.init_options)
     layers = [h for h in hosts(model) if adapter in h.adapters]
     for host in layers:
@@ -62,7 +68,7 @@ def initialize(model: nn.Module, data: Iterable[Any], adapter: str = "default", 
     for start in range(0, len(layers), layers_per_pass):
         group = layers[start : start + layers_per_pass]
         collect = _gradients if spec.statistic == "gradient" else _input_grams
-        for path, stat in collect(model, group, stored, loss_fn).items():
+        for path, stat in collect(model, group, stored, forward).items():
             summaries[path] = spec.fn(stat, infos[path], **options)
     factors = spec.combine(summaries, infos, **options) if spec.combine else summaries
     _apply(model, adapter, factors, infos)
@@ -82,8 +88,20 @@ def _call(model: nn.Module, batch: Any) -> Any:
     return model(batch)
 
 
-def _gradients(model: nn.Module, group: list[HostLayer], batches: list[Any],
-               loss_fn: LossFn | None) -> dict[str, Tensor]:
+def _loss_of(loss_fn: LossFn | None) -> ModelLoss:
+    """``model_loss`` from a ``loss_fn(output, batch)`` (default: the output's ``.loss``)."""
+
+    def run(model: nn.Module, batch: Any) -> Tensor:
+        out = _call(model, batch)
+        loss = loss_fn(out, batch) if loss_fn is not None else getattr(out, "loss", None)
+        require(isinstance(loss, Tensor), "loss_fn", loss_fn,
+                "is needed: the model output has no .loss (pass loss_fn(output, batch) -> scalar)")
+        return loss
+
+    return run
+
+
+def _gradients(model: nn.Module, group: list[HostLayer], batches: list[Any], run: ModelLoss) -> dict[str, Tensor]:
     """Mean ``dL/dW`` of each layer in ``group`` (``(d_out, d_in)``, >= float32); other weights get no gradient."""
     flags = {p: p.requires_grad for p in model.parameters()}
     model.requires_grad_(False)
@@ -93,11 +111,7 @@ def _gradients(model: nn.Module, group: list[HostLayer], batches: list[Any],
             w.requires_grad_(True)
         with disable(model), torch.enable_grad():
             for batch in batches:
-                out = _call(model, batch)
-                loss = loss_fn(out, batch) if loss_fn is not None else getattr(out, "loss", None)
-                require(isinstance(loss, Tensor), "loss_fn", loss_fn,
-                        "is needed: the model output has no .loss (pass loss_fn(output, batch) -> scalar)")
-                loss.backward()
+                run(model, batch).backward()
         grads = {}
         for host in group:
             g = precise(weights[host.path].grad) / len(batches)
@@ -110,7 +124,7 @@ def _gradients(model: nn.Module, group: list[HostLayer], batches: list[Any],
 
 
 def _input_grams(model: nn.Module, group: list[HostLayer], batches: list[Any],
-                 loss_fn: LossFn | None) -> dict[str, Tensor]:
+                 run: Callable[[nn.Module, Any], Any]) -> dict[str, Tensor]:
     """``X^T X`` of each layer's inputs over every token of every batch (``(d_in, d_in)``, >= float32)."""
     grams: dict[str, Tensor] = {}
 
@@ -126,7 +140,7 @@ def _input_grams(model: nn.Module, group: list[HostLayer], batches: list[Any],
     try:
         with disable(model), torch.no_grad():
             for batch in batches:
-                _call(model, batch)
+                run(model, batch)
     finally:
         for handle in handles:
             handle.remove()

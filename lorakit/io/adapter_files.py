@@ -74,6 +74,12 @@ def _target_modules(model: nn.Module, paths: list[str]) -> list[str] | str:
     return "(?:" + "|".join(re.escape(p) for p in sorted(paths)) + ")"
 
 
+def reproducible_from_file(model: nn.Module, name: str = "default") -> bool:
+    """Whether adapter ``name``'s own tensors on the stock base reproduce it (not so when its initialiser rewrote
+    the base weights from data, e.g. LoRA-GA: use :func:`lorakit.export_lora` for those)."""
+    return all(h.adapters[name].reproducible_from_file for h in hosts(model) if name in h.adapters)
+
+
 def save_adapter(model: nn.Module, directory: str | Path, name: str = "default") -> Path:
     """Write adapter ``name`` of ``model`` to ``directory`` in PEFT's format (atomic writes)."""
     known = configs(model)
@@ -81,7 +87,7 @@ def save_adapter(model: nn.Module, directory: str | Path, name: str = "default")
         raise LorakitError(f"unknown adapter {name!r}; this model has: {sorted(known) or 'none'}")
     config = known[name]
     layers = [h for h in hosts(model) if name in h.adapters]
-    if not all(h.adapters[name].reproducible_from_file for h in layers):
+    if not reproducible_from_file(model, name):
         raise LorakitError(
             f"adapter {name!r} was initialised from data ({config.init!r}) by rewriting the base weights, which a "
             "file cannot reproduce on the stock model; save it with lorakit.export_lora(model, directory, name)"
@@ -146,9 +152,8 @@ def _prefixes(key: str) -> list[str]:
     return [".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)]
 
 
-def load_adapter(model: nn.Module, directory: str | Path, name: str = "default", *, activate: bool = True,
-                 dtype: torch.dtype | None = None) -> nn.Module:
-    """Load a PEFT-format adapter directory (from lorakit or PEFT) into ``model`` as adapter ``name``."""
+def read_adapter(directory: str | Path) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+    """Config and lorakit-keyed tensors of a PEFT-format adapter directory, read once into host memory."""
     directory = Path(directory)
     if not directory.is_dir():
         raise AdapterFileError(f"{directory} is not a directory holding {CONFIG_FILE} and {WEIGHTS_FILE}")
@@ -159,18 +164,31 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = "default",
     tensors, metadata = read_safetensors(directory / WEIGHTS_FILE)
     config = _config_from_files(directory, metadata)
     fmt = peft_format(config)
-    if fmt is not None:
-        tensors = fmt.from_file(tensors, config)
-    paths = _module_paths(tensors, directory, model)
+    return config, (tensors if fmt is None else fmt.from_file(tensors, config))
+
+
+def attach_adapter(model: nn.Module, config: AdapterConfig, tensors: dict[str, torch.Tensor], name: str,
+                   source: str | Path, *, activate: bool = True, dtype: torch.dtype | None = None) -> nn.Module:
+    """Add adapter ``name`` built from ``config`` and filled with :func:`read_adapter`'s ``tensors`` (copied);
+    ``source`` names the directory in error messages. On any error the model is left without ``name``."""
+    source = Path(source)
+    paths = _module_paths(tensors, source, model)
     exact = "(?:" + "|".join(re.escape(p) for p in paths) + ")"
     adapt(model, config.replace(targets=exact, exclude=()), name, activate=activate, dtype=dtype)
     try:
-        _fill(model, name, tensors, directory / WEIGHTS_FILE)
+        _fill(model, name, tensors, source / WEIGHTS_FILE)
     except BaseException:
         delete_adapter(model, name)
         raise
     configs(model)[name] = config
     return model
+
+
+def load_adapter(model: nn.Module, directory: str | Path, name: str = "default", *, activate: bool = True,
+                 dtype: torch.dtype | None = None) -> nn.Module:
+    """Load a PEFT-format adapter directory (from lorakit or PEFT) into ``model`` as adapter ``name``."""
+    config, tensors = read_adapter(directory)
+    return attach_adapter(model, config, tensors, name, directory, activate=activate, dtype=dtype)
 
 
 def _fill(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], source: Path) -> None:
@@ -186,6 +204,6 @@ def _fill(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], source:
                 raise AdapterFileError(
                     f"{source}: {key} has shape {tuple(value.shape)}, the model expects {tuple(param.shape)}"
                 )
-            if not value.is_floating_point():
-                raise AdapterFileError(f"{source}: {key} has dtype {value.dtype}; adapter tensors are floating point")
+            if value.is_floating_point() != param.is_floating_point():  # integer buffers: e.g. MoS's shard indices
+                raise AdapterFileError(f"{source}: {key} has dtype {value.dtype}; the model expects {param.dtype}")
             param.copy_(value.to(param.dtype))

@@ -1,6 +1,7 @@
 """The run folder: its identity (``run.json``), metrics log, and atomic checkpoints for exact resumption.
 
-A checkpoint ``checkpoint-<step>/`` holds the adapter in PEFT's format (so it loads anywhere), ``trainer.pt``
+A checkpoint ``checkpoint-<step>/`` holds the adapter in PEFT's format (so it loads anywhere; only its tensors when
+a data-driven initialiser rewrote the base, which resumption redoes), ``trainer.pt``
 (optimizer, scheduler and RNG states; plain tensors and containers, loadable with ``weights_only=True``) and
 ``state.json`` (the step and data position). It is written into a temporary folder and renamed into place, so a
 crash never leaves a half-written checkpoint; the newest :data:`KEEP` checkpoints are kept.
@@ -19,8 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..io.adapter_files import WEIGHTS_FILE, adapter_tensors, save_adapter
-from ..io.files import read_json, read_safetensors, write_json
+from ..io.adapter_files import WEIGHTS_FILE, adapter_tensors, reproducible_from_file, save_adapter
+from ..io.files import read_json, read_safetensors, write_json, write_safetensors
 from .errors import TrainingError
 from .hooks import TrainingHook
 
@@ -85,7 +86,10 @@ def save_checkpoint(output: Path, model: nn.Module, optimizer: torch.optim.Optim
     target = output / f"checkpoint-{state['step']}"
     tmp = Path(tempfile.mkdtemp(dir=output, prefix=f".{target.name}."))
     try:
-        save_adapter(model, tmp)
+        if reproducible_from_file(model):
+            save_adapter(model, tmp)
+        else:  # resumable only: the run re-initialises the base from data before loading these
+            write_safetensors(tmp / WEIGHTS_FILE, adapter_tensors(model, "default"), {"format": "pt"})
         rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng,
                     "hooks": hooks_state or {}}, tmp / TRAINER_FILE)

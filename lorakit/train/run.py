@@ -16,11 +16,12 @@ import torch
 from torch import nn
 
 from ..config import ALL_LINEAR
-from ..inject import adapt, disable
-from ..io.adapter_files import adapter_tensors, load_adapter, save_adapter
+from ..inject import adapt
+from ..io.adapter_files import adapter_tensors, load_adapter
 from ..methods.base import METHODS, build_config
+from ..targeting import find_targets
 from . import default
-from .checkpoint import prepare_output, start_run
+from .checkpoint import METRICS_FILE, MetricsLog, prepare_output, start_run
 from .data import Record, read_records, split
 from .ddp import World, close_world, init_world
 from .errors import DataError
@@ -30,6 +31,7 @@ from .loop import Callback, TrainConfig, Trainer
 from .model import load_model
 from .plot import plot_loss
 from .tasks import CausalLMTask, ClassificationTask, Example, SFTTask, Task
+from .warm_start import initialize_from_task, needs_data, save_trained
 
 DEFAULT_STEPS = 60
 
@@ -49,6 +51,8 @@ class Options:
     rank: int = 16
     alpha: float = 32.0
     targets: str = ALL_LINEAR
+    init: str | None = None  # the method's initialiser (default: the method's own)
+    init_batches: int = 8  # training batches a data-driven initialiser sees
     steps: int | None = None
     epochs: float | None = None
     lr: float = 1e-3
@@ -94,10 +98,14 @@ def adapter_config(opts: Options) -> Any:
     _, config_cls = METHODS.get(opts.method)
     fields = {f.name for f in dataclasses.fields(config_cls)}
     given = {"r": ("rank", opts.rank), "alpha": ("alpha", opts.alpha), "targets": ("targets", opts.targets)}
+    if opts.init is not None and "init" not in fields:
+        raise DataError(f"--init {opts.init}: method {opts.method!r} has no initialiser option")
     for field, (option, value) in given.items():
         if field not in fields and value != getattr(Options, option):
             print(f"note: method {opts.method!r} has no {field!r} field; --{option} {value} is not used")
     values = {field: value for field, (_, value) in given.items() if field in fields}
+    if opts.init is not None:
+        values["init"] = opts.init
     if "targets" in values:
         values["targets"] = parse_targets(opts.targets)
     return build_config(opts.method, **values)
@@ -124,11 +132,16 @@ def prepare(opts: Options) -> Prepared:
     """Load the model and tokenizer, read and tokenize the data, and split off the held-out examples."""
     records = _records(opts)
     model, tokenizer = load_model(opts.model, torch.bfloat16 if opts.bf16 else torch.float32)
+    return Prepared(model, *prepare_data(opts, tokenizer, records))
+
+
+def prepare_data(opts: Options, tokenizer: Any, records: Sequence[Record]) -> tuple[Task, list[Example], list[Example]]:
+    """``(task, train, held_out)``: ``records`` tokenized for ``opts``' task, the held-out examples split off."""
     task = _task(opts, tokenizer, records)
     examples = task.encode(records)
     eval_size = opts.eval_size if opts.eval_size is not None else max(1, min(200, len(examples) // 10))
     train, held_out = split(examples, eval_size)
-    return Prepared(model, task, train, held_out)
+    return task, train, held_out
 
 
 def _train_config(opts: Options, n_train: int) -> TrainConfig:
@@ -180,7 +193,19 @@ def _finetune(opts: Options, world: World, started: float, callbacks: Sequence[C
     torch.manual_seed(opts.seed)
     prepared = prepare(opts)
     config = _train_config(opts, len(prepared.train))
-    adapt(prepared.model, adapter_config(opts), "default", dtype=torch.float32)
+    adapter = adapter_config(opts)
+    find_targets(prepared.model, adapter)  # a bad --targets stops here, before evaluating or writing anything
+    if opts.init_batches < 1:
+        raise DataError(f"--init-batches must be >= 1, got {opts.init_batches}")
+    # measured before adapting: initialisers such as PiSSA or LoRA-GA rewrite the base weights
+    before = _logged_before(output) if checkpoint is not None else None
+    if before is None:
+        before = evaluate(prepared.model, prepared.task, prepared.held_out, opts.eval_batch_size, world,
+                          "eval before")
+    adapt(prepared.model, adapter, "default", dtype=torch.float32)
+    if needs_data(prepared.model):
+        initialize_from_task(prepared.model, prepared.task, prepared.train, opts.batch_size, opts.init_batches,
+                             opts.seed)
     world.broadcast(list(adapter_tensors(prepared.model, "default").values()))
     torch.manual_seed(opts.seed + world.rank)  # random ops in training (dropout) differ per process
     if world.main:
@@ -190,25 +215,28 @@ def _finetune(opts: Options, world: World, started: float, callbacks: Sequence[C
     if checkpoint is not None:
         trainer.resume(checkpoint)
     log = trainer.log
-    before = next((r for r in log.read() if r["kind"] == "eval" and r["when"] == "before"), None)
-    if before is None:
-        with disable(prepared.model):
-            before = evaluate(prepared.model, prepared.task, prepared.held_out, opts.eval_batch_size, world,
-                              "eval before")
+    if _logged_before(output) is None:
         log.write({"kind": "eval", "when": "before", **before})
     trainer.train()
     after = evaluate(prepared.model, prepared.task, prepared.held_out, opts.eval_batch_size, world, "eval after")
     log.write({"kind": "eval", "when": "after", **after})
     seconds = time.perf_counter() - started
     if world.main:
-        save_adapter(prepared.model, output)
+        saved = save_trained(prepared.model, output)
         plotted = plot_loss(log.read(), output / "loss.png")
         lines = _report(before, after, prepared) + [
             f"wall time {seconds:.0f} s ({config.steps} steps of {config.global_batch} examples, "
             f"{len(prepared.train)} training examples)",
-            f"adapter saved to {output}" + ("" if plotted else " (loss plot skipped: pip install matplotlib)")]
+            f"{saved} saved to {output}" + ("" if plotted else " (loss plot skipped: pip install matplotlib)")]
         print("\n".join(lines))
     return {"before": before, "after": after, "output": output, "seconds": seconds}
+
+
+def _logged_before(output: Path) -> dict[str, Any] | None:
+    """The base model's metrics recorded by an earlier start of the run in ``output``."""
+    records = MetricsLog(output / METRICS_FILE).read()
+    return next(({k: v for k, v in r.items() if k not in ("kind", "when")} for r in records
+                 if r["kind"] == "eval" and r["when"] == "before"), None)
 
 
 def evaluate_adapter(opts: Options, adapter: str | None) -> dict[str, Any]:
