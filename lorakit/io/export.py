@@ -8,17 +8,23 @@ with the base rewritten to ``W_res = W - s B0 A0`` and the adapter trained to ``
 a rank-``2r`` LoRA with the same scale (``alpha`` scaled with ``r``), which PEFT or a server applies to the stock
 model. Other tensors (DoRA's magnitude, ``lora_bias``) are copied: DoRA's direction ``W + s B' A'`` is the same
 matrix as ``W_res + s B A``, so its magnitude carries over. Layers without a recorded ``B0, A0`` get zero blocks.
+
+Other methods whose update is exactly low rank (``Capabilities.factorable``: LoRA-XS / LoRA-SB, SLoRA, ...) are
+exported from their :meth:`~lorakit.methods.base.Adapter.factors` ``delta = B_eff A_eff`` as a LoRA of the same
+rank with scale 1 (``alpha = r`` per layer), so PEFT and any LoRA server can use them.
 """
 from __future__ import annotations
 
 import math
 import re
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
 
 from ..errors import LorakitError, require
+from ..hosts.host import HostLayer
 from ..inject import adapt, configs, delete_adapter, hosts
 from ..methods.lora import Lora, LoraConfig
 from .adapter_files import save_adapter
@@ -30,9 +36,11 @@ def export_lora(model: nn.Module, directory: str | Path, name: str = "default") 
     if name not in known:
         raise LorakitError(f"unknown adapter {name!r}; this model has: {sorted(known) or 'none'}")
     config = known[name]
-    require(isinstance(config, LoraConfig), "adapter", name,
-            f"must be a LoRA-family adapter to export as LoRA (it is {type(config).__name__})")
     layers = [h for h in hosts(model) if name in h.adapters]
+    if not isinstance(config, LoraConfig):
+        require(all(h.adapters[name].capabilities.factorable for h in layers), "adapter", name,
+                f"must be LoRA-family or exactly low rank to export as LoRA (it is {type(config).__name__})")
+        return _export_factors(model, directory, name, layers)
     for host in layers:
         require(not host.adapters[name].base_replaced, "adapter", name,
                 f"replaced the base of {host.path!r} by a quantised weight (LoftQ); it is only valid on that base")
@@ -43,16 +51,47 @@ def export_lora(model: nn.Module, directory: str | Path, name: str = "default") 
         alpha_pattern={k: v * scale_up for k, v in config.alpha_pattern.items()},
         targets="(?:" + "|".join(re.escape(h.path) for h in layers) + ")", exclude=(),
     )
-    tmp = f"{name}_export"
+    return _save_as(model, directory, doubled, layers, lambda host, tmp: _fill(host.adapters[tmp], host.adapters[name]))
+
+
+def _save_as(model: nn.Module, directory: str | Path, config: LoraConfig, layers: list[HostLayer],
+             fill: Callable[[HostLayer, str], None]) -> Path:
+    """Save a temporary LoRA adapter built from ``config`` on ``layers`` and filled by ``fill(host, its name)``."""
+    known = configs(model)
+    tmp = "export"
     while tmp in known:
         tmp += "_"
-    adapt(model, doubled, tmp, activate=False, freeze_base=False)
+    adapt(model, config, tmp, activate=False, freeze_base=False)
     try:
         for host in layers:
-            _fill(host.adapters[tmp], host.adapters[name])
+            fill(host, tmp)
         return save_adapter(model, directory, tmp)
     finally:
         delete_adapter(model, tmp)
+
+
+def _export_factors(model: nn.Module, directory: str | Path, name: str, layers: list[HostLayer]) -> Path:
+    """A factorable adapter as a LoRA with ``B = B_eff``, ``A = A_eff`` and scale 1 on every layer."""
+    factors = {h.path: h.adapters[name].factors() for h in layers}
+    require(all(h.adapters[name].reproducible_from_file for h in layers), "adapter", name,
+            "rewrote its base weights, so its factors alone do not describe it relative to the stock base")
+    keys = {h.path: re.escape(h.path) for h in layers}
+    ranks = {h.path: factors[h.path][1].shape[0] for h in layers}
+    top = max(ranks.values())
+    config = LoraConfig(r=top, alpha=float(top), targets="(?:" + "|".join(keys.values()) + ")",
+                        rank_pattern={keys[p]: r for p, r in ranks.items()},
+                        alpha_pattern={keys[p]: float(r) for p, r in ranks.items()})
+
+    @torch.no_grad()
+    def fill(host: HostLayer, tmp: str) -> None:
+        out: Lora = host.adapters[tmp]
+        up, down = factors[host.path]  # canonical delta = up @ down
+        if host.geometry.kind == "embedding":  # Lora: delta (num, dim) = A^T B^T
+            out.a.copy_(up.t()), out.b.copy_(down.t())
+        else:
+            out.b.copy_(up.reshape(out.b.shape)), out.a.copy_(down.reshape(out.a.shape))
+
+    return _save_as(model, directory, config, layers, fill)
 
 
 @torch.no_grad()
