@@ -128,6 +128,22 @@ def test_eva_rows_of_a_are_the_top_right_singular_vectors_of_the_layer_inputs():
     assert sum(ranks.values()) == 4
 
 
+def test_eva_whitening_gives_projected_inputs_identity_second_moment():
+    model, data = MLP(), batches()
+    x = torch.cat([b.reshape(-1, 6) for b in data]).double()
+    lorakit.adapt(model, lorakit.LoraConfig(r=2, alpha=4, init="eva", init_options={"whiten": True},
+                                            targets=["up"]))
+    lorakit.initialize(model, data)
+    a = layer(model, "up")[1].a.double()
+    projected = a @ x.t()  # (r, tokens)
+    torch.testing.assert_close(projected @ projected.t(), torch.eye(a.shape[0], dtype=torch.float64),
+                               atol=1e-4, rtol=1e-4)
+    with pytest.raises(lorakit.ConfigError, match="whiten"):
+        other = lorakit.adapt(MLP(), lorakit.LoraConfig(r=2, init="eva", init_options={"whiten": "yes"},
+                                                        targets=["up"]))
+        lorakit.initialize(other, data)
+
+
 def test_eva_allocation_follows_explained_variance_under_a_fixed_budget():
     ratios = {"a": torch.tensor([0.9, 0.05, 0.03, 0.02]), "b": torch.tensor([0.4, 0.3, 0.2, 0.1])}
     assert allocate(ratios, 4, {"a": 4, "b": 4}) == {"a": 1, "b": 3}

@@ -5,7 +5,8 @@ For each layer, the inputs ``X`` (all tokens of the given batches, ``(n, d_in)``
 redistributed across layers: every layer offers its top ``rho * r`` components with explained-variance ratios
 ``S_i^2 / sum_j S_j^2``; the ``sum(r)`` components with the largest ratios win (the total budget of the config
 stays fixed); a layer that wins none is left without an adapter. The scale ``alpha / r`` of each layer is kept
-(PEFT's ``adjust_scaling_factors``).
+(PEFT's ``adjust_scaling_factors``). With ``whiten=True`` each row of ``A`` is divided by its singular value
+``S_i``, so the projected inputs ``A x`` of the given data have identity second moment (PEFT's ``whiten``).
 
 lorakit accumulates the Gram matrix ``X^T X`` (``(d_in, d_in)``) and takes its eigendecomposition: the same right
 singular vectors as the stacked ``X``, exact and deterministic, instead of the paper's incremental SVD with early
@@ -30,7 +31,7 @@ def allocate(ratios: dict[str, Tensor], budget: int, caps: dict[str, int]) -> di
 
 
 def _combine(summaries: dict[str, tuple[Tensor, Tensor]], layers: dict[str, LayerInfo],
-             rho: float = 2.0) -> dict[str, Factors]:
+             rho: float = 2.0, whiten: bool = False) -> dict[str, Factors]:
     budget = sum(layer.r for layer in layers.values())
     caps = {p: int(round(rho * layers[p].r)) for p in summaries}
     ranks = allocate({p: ratio for p, (_, ratio) in summaries.items()}, budget, caps)
@@ -38,12 +39,19 @@ def _combine(summaries: dict[str, tuple[Tensor, Tensor]], layers: dict[str, Laye
             for p, (vecs, _) in summaries.items() if ranks[p] > 0}
 
 
-@register_init("eva", statistic="inputs", options={"rho": 2.0}, combine=_combine)
-def eva(gram: Tensor, layer: LayerInfo, rho: float = 2.0) -> tuple[Tensor, Tensor]:
-    """One layer's offer: its top ``rho * r`` right singular vectors ``(k, d_in)`` and their variance ratios."""
+@register_init("eva", statistic="inputs", options={"rho": 2.0, "whiten": False}, combine=_combine)
+def eva(gram: Tensor, layer: LayerInfo, rho: float = 2.0, whiten: bool = False) -> tuple[Tensor, Tensor]:
+    """One layer's offer: its top ``rho * r`` right singular vectors ``(k, d_in)`` (divided by their singular
+    values when ``whiten``) and their explained-variance ratios."""
     require(rho >= 1.0, "init_options['rho']", rho, "must be >= 1")
+    require(isinstance(whiten, bool), "init_options['whiten']", whiten, "must be True or False")
     eigvals, eigvecs = torch.linalg.eigh(gram)  # ascending; (d_in,), (d_in, d_in)
     k = min(int(round(rho * layer.r)), gram.shape[0])
     eigvals = eigvals.flip(0).clamp_min(0)
     vecs = eigvecs.flip(1)[:, :k].t()  # (k, d_in)
+    if whiten:
+        singular = eigvals[:k].sqrt()
+        require(bool((singular > 0).all()), "init_options['whiten']", whiten,
+                f"needs {k} non-zero singular values of {layer.path!r}'s inputs; give more data or lower r / rho")
+        vecs = vecs / singular[:, None]
     return vecs, eigvals[:k] / eigvals.sum()
