@@ -24,7 +24,9 @@ PEFT_PEERS: dict[str, tuple[str, dict[str, Any]]] = {
     "kron": ("LoKrConfig", dict(r=8, alpha=8)),
     "bone": ("MissConfig", dict(r=8)),
     "randlora": ("RandLoraConfig", dict(r=32, randlora_alpha=640)),
+    "adalora": ("AdaLoraConfig", dict(init_r=8, target_r=4, lora_alpha=8, total_step=1000)),
 }
+
 
 def ours(method: str) -> Callable[[torch.device], Built]:
     def build(device: torch.device) -> Built:
@@ -49,15 +51,24 @@ def main() -> None:
     parser.add_argument("--methods", default="", help="comma-separated subset (default: every registered method)")
     args = parser.parse_args()
     methods = args.methods.split(",") if args.methods else lorakit.METHODS.names()
+    device = torch.device(args.device)
     variants: dict[str, Callable[[torch.device], Built]] = {"frozen base (floor)": frozen_floor}
+    left_out: dict[str, str] = {}
     for method in methods:
-        variants[f"lorakit {method}"] = ours(method)
+        try:  # built here so that a method whose default config does not fit this model is reported, not fatal
+            built = ours(method)(device)
+        except lorakit.LorakitError as exc:
+            left_out[method] = str(exc)
+            continue
+        variants[f"lorakit {method}"] = lambda _device, built=built: built
         if method in PEFT_PEERS:
             variants[f"PEFT {method}"] = theirs(method)
     medians = run_steps(variants, args, make_step)
     for method in methods:
-        if method in PEFT_PEERS:
+        if method in PEFT_PEERS and method not in left_out:
             print(f"lorakit/PEFT {method} step time: {medians[f'lorakit {method}'] / medians[f'PEFT {method}']:.3f}")
+    for method, reason in left_out.items():
+        print(f"not in the table: {method} (its default config does not fit this model: {reason})")
 
 
 if __name__ == "__main__":

@@ -67,3 +67,6 @@ def perturb(module: nn.Module, std: float = 0.3) -> None:
             for adapter in host.adapters.values():
                 for p in adapter.parameters():
                     p.add_(torch.randn_like(p) * std)
+        for shared in lorakit.inject.shared_states(module).values():  # pools / factors shared by all layers
+            for p in shared.parameters():
+                p.add_(torch.randn_like(p) * std)

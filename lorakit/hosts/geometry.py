@@ -161,3 +161,8 @@ def is_transposed(module: nn.Module) -> bool:
 def per_unit(v: Tensor, like: Tensor) -> Tensor:
     """A per-output-unit vector shaped to scale the rows of a canonical weight like ``like``."""
     return v.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def mix_units(m: Tensor, weight: Tensor) -> Tensor:
+    """``m @ W`` over the output units (rows) of a canonical Linear/Conv weight; ``m`` is ``(d_out, d_out)``."""
+    return (m.to(weight.dtype) @ weight.reshape(weight.shape[0], -1)).reshape(weight.shape)

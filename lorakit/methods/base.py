@@ -9,12 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import torch
 from torch import Tensor, nn
 
 from ..config import AdapterConfig
 from ..errors import LorakitError
 from ..hosts.backend import DenseBackend
-from ..hosts.geometry import Geometry, per_unit
+from ..hosts.geometry import Geometry, mix_units, per_unit
 from ..registry import Registry
 
 
@@ -68,6 +69,13 @@ class Adapter(nn.Module):
         """State shared by every layer of one adapter, built once from all targeted layers' geometries."""
         return None
 
+    @classmethod
+    def training_hooks(cls, config: AdapterConfig, name: str, steps: int) -> list[Any]:
+        """The :class:`~lorakit.train.hooks.TrainingHook` objects this method needs while adapter ``name`` trains
+        for ``steps`` optimizer steps (SoRA's gate step, DyLoRA's rank sampling, ...). Trainers add them without
+        knowing the method; the default is none."""
+        return []
+
     @property
     def shared(self) -> SharedState:
         """The adapter's :class:`SharedState` (set by :meth:`hold_shared`)."""
@@ -101,6 +109,17 @@ class Adapter(nn.Module):
         """
         return None
 
+    def merge_map(self, base: DenseBackend) -> Tensor | None:
+        """A ``(d_out, d_out)`` matrix ``L`` this adapter applies to the base weight's output units (``None``: ``I``).
+
+        For methods whose update acts on ``W0`` through a non-diagonal map on the output side (``L W0 x``: Hydra's
+        sequential branch ``I + B_s A_s``, TLoRA's transform ``T``): merging maps ``W0 -> L W0 + merge_delta``.
+        Only Linear / Conv layers (output units are the weight's rows). ``L`` must depend on the adapter's tensors
+        only, not on the base weight's values: the host rebuilds it on unmerge (nothing ``d_out x d_out`` is kept)
+        and solves with it; it refuses to merge when unmerging could not restore the base (singular ``L``).
+        """
+        return None
+
     def merge_delta(self, unit_scale: Tensor | None) -> Tensor:
         """The additive part of the merged weight, in the canonical layout, given :meth:`merge_scale`'s value."""
         raise NotImplementedError
@@ -111,12 +130,17 @@ class Adapter(nn.Module):
 
     def delta_weight(self, base: DenseBackend) -> Tensor:
         """The dense update ``W' - W0`` in the base weight's canonical layout (float32)."""
-        unit_scale = self.merge_scale(base)
+        unit_scale, unit_map = self.merge_scale(base), self.merge_map(base)
         delta = self.merge_delta(unit_scale).float()
-        if unit_scale is None:
+        if unit_scale is None and unit_map is None:
             return delta
         w = base.weight().float()
-        return (per_unit(unit_scale, w) - 1) * w + delta
+        if unit_scale is not None:
+            delta = delta + (per_unit(unit_scale, w) - 1) * w
+        if unit_map is not None:
+            eye = torch.eye(unit_map.shape[0], dtype=torch.float32, device=unit_map.device)
+            delta = delta + mix_units(unit_map.float() - eye, w)  # (L - I) W0, exact where L = I
+        return delta
 
     def factors(self) -> tuple[Tensor, Tensor] | None:
         """``(B_eff, A_eff)`` with the scale folded in, when the update is exactly low rank."""
@@ -125,6 +149,18 @@ class Adapter(nn.Module):
     def trainable(self) -> dict[str, nn.Parameter]:
         """The tensors this adapter trains, by their state-dict name."""
         raise NotImplementedError
+
+
+def base_product(geometry: Geometry, base_out: Tensor, base: DenseBackend) -> Tensor:
+    """``W0 x`` recovered from the frozen layer's output ``W0 x + b`` (for methods that act on ``W0``)."""
+    return base_out if base.bias is None else base_out - geometry.channel(base.bias)
+
+
+def over_output_units(geometry: Geometry, y: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
+    """Apply ``fn`` (acting on the last axis) over the output units of a layer output ``y`` (channels on conv)."""
+    if geometry.kind != "conv":
+        return fn(y)
+    return fn(y.movedim(1, -1)).movedim(-1, 1)
 
 
 MethodEntry = tuple[type[Adapter], type[AdapterConfig]]

@@ -1,0 +1,126 @@
+"""Compacter (Karimi Mahabadi et al., 2021; METHODS.md entry 2): low-rank hypercomplex (LPHM) adapter layers.
+
+    PHM(s, t) = sum_{i=1..n} A_i kron (s_i t_i^T),     A_i: (n, n) shared,  s_i: (k_out/n,),  t_i: (k_in/n,)
+    dW = PHM(s_up, t_up) @ PHM(s_down, t_down),        down: (k, d_in),  up: (d_out, k)
+
+The "slow" rules ``A_i`` (``phm_rule: (n, n, n)``) are one tensor shared by every Compacter layer of the model
+(:class:`CompacterRules`, stored once); each layer trains only the rank-one "fast" factors of its down and up
+projections: ``n (k/n + d_in/n) + n (d_out/n + k/n)`` numbers, plus ``n^3`` shared ones.
+
+Each PHM product is applied to ``x`` reshaped to ``X: (n, d/n)`` as ``y[p, a] = sum_i s_i[a] sum_q A_i[p, q]
+(t_i . X[q])``: ``O(n (d + k) + n^3)`` per token, never forming a Kronecker product or ``dW``.
+
+Assumed (lorakit adapters add a mergeable update to one layer): the bottleneck is a *parallel* branch on the
+targeted layer with no non-linearity and no PHM biases, so it merges into the weight; the paper inserts serial
+adapters (with GeLU) after the attention and feed-forward blocks. Init (the paper's code uses Glorot-style fast
+weights and small random rules): ``A_i ~ N(0, 1/n)``, fast factors Kaiming-uniform, ``s_up = 0`` so the adapter
+starts as the identity (LoRA's zero ``B``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..config import AdapterConfig
+from ..errors import ConfigError, require
+from ..hosts.backend import DenseBackend
+from ..hosts.geometry import Geometry
+from .base import Adapter, Capabilities, SharedState, register_method
+
+
+@dataclass(frozen=True)
+class CompacterConfig(AdapterConfig):
+    """Config of a Compacter adapter.
+
+    Attributes:
+        r: bottleneck size ``k``; a multiple of ``n``.
+        n: number of Kronecker terms (the hypercomplex dimension); must divide every targeted layer's ``d_in``
+            and ``d_out``.
+        seed: seed of the shared rules' initialisation.
+    """
+
+    r: int = 8
+    n: int = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(isinstance(self.n, int) and self.n >= 1, "n", self.n, "must be a positive integer")
+        require(isinstance(self.r, int) and self.r >= 1 and self.r % self.n == 0, "r", self.r,
+                f"must be a positive multiple of n={self.n}")
+        require(isinstance(self.seed, int), "seed", self.seed, "must be an integer")
+
+
+class CompacterRules(SharedState):
+    """The slow weights ``A_i`` shared by every Compacter layer: ``phm_rule: (n, n, n)`` (trained)."""
+
+    def __init__(self, config: CompacterConfig) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(config.seed)
+        n = config.n
+        self.phm_rule = nn.Parameter(torch.randn(n, n, n, generator=gen) / math.sqrt(n))
+
+
+def phm_apply(x: Tensor, rule: Tensor, s: Tensor, t: Tensor) -> Tensor:
+    """``PHM(s, t) x`` without forming it: ``x: (..., n * t_len) -> (..., n * s_len)``."""
+    n = rule.shape[0]
+    u = torch.einsum("...qb,ib->...iq", x.unflatten(-1, (n, -1)), t)  # (..., n_i, n_q): t_i . X[q]
+    v = torch.einsum("...iq,ipq->...ip", u, rule)  # (..., n_i, n_p)
+    return torch.einsum("...ip,ia->...pa", v, s).flatten(-2)  # (..., n_p * s_len)
+
+
+def phm_dense(rule: Tensor, s: Tensor, t: Tensor) -> Tensor:
+    """``sum_i A_i kron (s_i t_i^T)``: ``(n * s_len, n * t_len)``."""
+    n, ls, lt = rule.shape[0], s.shape[1], t.shape[1]
+    return torch.einsum("ipq,ia,ib->paqb", rule, s, t).reshape(n * ls, n * lt)
+
+
+@register_method("compacter", CompacterConfig)
+class Compacter(Adapter):
+    """``delta(x) = PHM_up(PHM_down(x))`` with shared rules ``A_i`` and per-layer rank-one fast factors."""
+
+    capabilities = Capabilities(layers=frozenset({"linear"}), factorable=True)
+
+    @classmethod
+    def shared_state(cls, config: AdapterConfig, geometries: list[Geometry]) -> CompacterRules:
+        assert isinstance(config, CompacterConfig)
+        return CompacterRules(config)
+
+    def __init__(self, geometry: Geometry, config: CompacterConfig, base: DenseBackend, *,
+                 shared: CompacterRules) -> None:
+        super().__init__(geometry, config, base)
+        self.hold_shared(shared)
+        n, k = config.n, config.r
+        for name, d in (("d_in", geometry.d_in), ("d_out", geometry.d_out)):
+            if d % n:
+                raise ConfigError(f"n={n} is invalid: must divide every targeted layer's {name} "
+                                  f"(a layer has {name}={d})")
+        w = base.weight()
+
+        def fast(length: int) -> nn.Parameter:
+            return nn.Parameter(torch.empty(n, length // n, device=w.device, dtype=w.dtype))
+
+        self.phm_down_s, self.phm_down_t = fast(k), fast(geometry.d_in)  # (n, k/n), (n, d_in/n)
+        self.phm_up_s, self.phm_up_t = fast(geometry.d_out), fast(k)  # (n, d_out/n), (n, k/n)
+        for p in (self.phm_down_s, self.phm_down_t, self.phm_up_t):
+            nn.init.kaiming_uniform_(p, a=math.sqrt(5))
+        nn.init.zeros_(self.phm_up_s)
+
+    def forward(self, x: Tensor, base_out: Tensor, base: DenseBackend) -> Tensor:
+        rule = self.shared.phm_rule
+        h = phm_apply(x.to(rule.dtype), rule, self.phm_down_s, self.phm_down_t)  # (..., k)
+        return phm_apply(h, rule, self.phm_up_s, self.phm_up_t).to(base_out.dtype)  # (..., d_out)
+
+    def factors(self) -> tuple[Tensor, Tensor]:
+        rule = self.shared.phm_rule
+        return phm_dense(rule, self.phm_up_s, self.phm_up_t), phm_dense(rule, self.phm_down_s, self.phm_down_t)
+
+    def merge_delta(self, unit_scale: Tensor | None) -> Tensor:
+        up, down = self.factors()
+        return up @ down  # (d_out, d_in)
+
+    def trainable(self) -> dict[str, nn.Parameter]:
+        return dict(self.named_parameters())
