@@ -9,9 +9,11 @@ a rank-``2r`` LoRA with the same scale (``alpha`` scaled with ``r``), which PEFT
 model. Other tensors (DoRA's magnitude, ``lora_bias``) are copied: DoRA's direction ``W + s B' A'`` is the same
 matrix as ``W_res + s B A``, so its magnitude carries over. Layers without a recorded ``B0, A0`` get zero blocks.
 
-Other methods whose update is exactly low rank (``Capabilities.factorable``: LoRA-XS / LoRA-SB, SLoRA, ...) are
-exported from their :meth:`~lorakit.methods.base.Adapter.factors` ``delta = B_eff A_eff`` as a LoRA of the same
-rank with scale 1 (``alpha = r`` per layer), so PEFT and any LoRA server can use them.
+Every other adapter whose update is exactly low rank (``Capabilities.factorable``: LoRA, LoRA-XS / LoRA-SB, SLoRA,
+pruned SoRA / AdaLoRA, grown IncreLoRA, DyLoRA at its current rank, ...) is exported from its
+:meth:`~lorakit.methods.base.Adapter.factors` ``delta = B_eff A_eff`` as a LoRA with each layer's own rank and scale
+1 (``rank_pattern``, ``alpha_pattern`` with ``alpha_l = r_l``), so PEFT and any LoRA server can use it; layers of rank
+0 add nothing and are left out (SoRA's "compact" LoRA).
 """
 from __future__ import annotations
 
@@ -37,10 +39,12 @@ def export_lora(model: nn.Module, directory: str | Path, name: str = "default") 
         raise LorakitError(f"unknown adapter {name!r}; this model has: {sorted(known) or 'none'}")
     config = known[name]
     layers = [h for h in hosts(model) if name in h.adapters]
-    if not isinstance(config, LoraConfig):
-        require(all(h.adapters[name].capabilities.factorable for h in layers), "adapter", name,
-                f"must be LoRA-family or exactly low rank to export as LoRA (it is {type(config).__name__})")
+    rewrote = any(hasattr(h.adapters[name], "init_lora_A") or getattr(h.adapters[name], "base_replaced", False)
+                  for h in layers)  # the base differs from the stock one: the LoRA path below handles or refuses it
+    if not rewrote and all(h.adapters[name].capabilities.factorable for h in layers):
         return _export_factors(model, directory, name, layers)
+    require(isinstance(config, LoraConfig), "adapter", name,
+            f"must be LoRA-family or exactly low rank to export as LoRA (it is {type(config).__name__})")
     for host in layers:
         require(not host.adapters[name].base_replaced, "adapter", name,
                 f"replaced the base of {host.path!r} by a quantised weight (LoftQ); it is only valid on that base")
@@ -72,9 +76,11 @@ def _save_as(model: nn.Module, directory: str | Path, config: LoraConfig, layers
 
 def _export_factors(model: nn.Module, directory: str | Path, name: str, layers: list[HostLayer]) -> Path:
     """A factorable adapter as a LoRA with ``B = B_eff``, ``A = A_eff`` and scale 1 on every layer."""
-    factors = {h.path: h.adapters[name].factors() for h in layers}
     require(all(h.adapters[name].reproducible_from_file for h in layers), "adapter", name,
             "rewrote its base weights, so its factors alone do not describe it relative to the stock base")
+    factors = {h.path: h.adapters[name].factors() for h in layers}
+    layers = [h for h in layers if factors[h.path][1].shape[0] > 0]
+    require(bool(layers), "adapter", name, "has rank 0 on every layer; there is nothing to export")
     keys = {h.path: re.escape(h.path) for h in layers}
     ranks = {h.path: factors[h.path][1].shape[0] for h in layers}
     top = max(ranks.values())

@@ -195,19 +195,29 @@ class Lora(Adapter):
             self._rewrite.apply(self.geometry, base)
             self._rewrite = None
 
+    def live(self) -> tuple[Tensor, Tensor, float]:
+        """``(A, B, s)`` as the forward pass and merging use them (DyLoRA overrides this to truncate the rank)."""
+        return self.a, self.b, self.scale
+
     def lora_out(self, x: Tensor, apply_dropout: bool = True) -> Tensor:
         """``s * B A dropout(x)`` in the adapter's dtype."""
+        a, b, scale = self.live()
         if x.is_floating_point():  # embeddings take token ids
-            x = x.to(self.a.dtype)
+            x = x.to(a.dtype)
             x = self.dropout(x) if apply_dropout else x
-        h = self.geometry.down(x, self.a)  # (..., r)
-        return self.geometry.up(h, self.b, self.b_bias) * self.scale  # (..., d_out)
+        h = self.geometry.down(x, a)  # (..., r)
+        return self.geometry.up(h, b, self.b_bias) * scale  # (..., d_out)
 
     def forward(self, x: Tensor, base_out: Tensor, base: DenseBackend) -> Tensor:
         return self.lora_out(x).to(base_out.dtype)
 
     def fused_usable(self, x: Tensor, base: DenseBackend) -> bool:
-        """The fused kernel applies: dense linear base, no active dropout, no lora_bias, one dtype."""
+        """The fused kernel applies: dense linear base, no active dropout, no lora_bias, one dtype.
+
+        Not on a quantised base: the kernel would keep the dequantised weight alive for backward (QLoRA's memory).
+        """
+        if base.quantized:
+            return False
         w = base.weight()
         return (
             isinstance(self.geometry, LinearGeometry)
@@ -220,15 +230,17 @@ class Lora(Adapter):
     def fused_forward(self, x: Tensor, base: DenseBackend) -> Tensor | None:
         if not self.fused_usable(x, base):
             return None
-        return lora_linear(x, base.weight(), base.bias, self.a, self.b, self.scale)
+        return lora_linear(x, base.weight(), base.bias, *self.live())
 
     def merge_delta(self, unit_scale: Tensor | None) -> Tensor:
-        return self.geometry.compose(self.b, self.a) * self.scale
+        a, b, scale = self.live()
+        return self.geometry.compose(b, a) * scale
 
     def factors(self) -> tuple[Tensor, Tensor]:
+        a, b, scale = self.live()
         if self.geometry.kind == "embedding":  # canonical delta (num, dim) = A^T @ B^T
-            return self.a.t() * self.scale, self.b.t()
-        return self.geometry.matrix(self.b) * self.scale, self.a.reshape(self.a.shape[0], -1)
+            return a.t() * scale, b.t()
+        return self.geometry.matrix(b) * scale, a.reshape(a.shape[0], -1)
 
     def trainable(self) -> dict[str, nn.Parameter]:
         params = dict(self.named_parameters())
