@@ -43,6 +43,14 @@ def interleaved_medians(steps: dict[str, Callable[[], None]], reps: int, warmup:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def _plain_tensors(t: torch.Tensor) -> list[torch.Tensor]:
+    """``t``, or the plain tensors a wrapper tensor subclass (torchao's NF4Tensor) holds; they own the storage."""
+    if not hasattr(t, "__tensor_flatten__"):
+        return [t]
+    names, _ = t.__tensor_flatten__()
+    return [inner for name in names for inner in _plain_tensors(getattr(t, name))]
+
+
 @contextmanager
 def saved_activation_bytes() -> Iterator[list[int]]:
     """Bytes of distinct storages autograd saves for backward inside the block (activation memory)."""
@@ -50,10 +58,9 @@ def saved_activation_bytes() -> Iterator[list[int]]:
     total = [0]
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        key = storage.data_ptr()
-        if key not in seen:
-            seen[key] = storage.nbytes()
+        for inner in _plain_tensors(t):
+            storage = inner.untyped_storage()
+            seen.setdefault(storage.data_ptr(), storage.nbytes())
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

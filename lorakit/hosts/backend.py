@@ -15,6 +15,7 @@ class DenseBackend:
     """The original, unquantized layer. ``weight()`` is in the canonical layout of :mod:`.geometry`."""
 
     supports_merge = True
+    quantized = False
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
