@@ -89,6 +89,7 @@ def sync_gradients(world: World, params: Sequence[Tensor], extras: Sequence[floa
     """
     if not world.distributed:
         return list(extras)
+    params = [p for p in params if p.requires_grad]  # frozen for now (LISA): no gradient, no optimizer state
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1).float() for g in grads] + [torch.tensor(extras, dtype=torch.float32)])
     world.all_reduce(flat)
