@@ -13,8 +13,11 @@ from torch import Tensor, nn
 
 from ..errors import LorakitError
 from ..routing.rows import RowRouting
-from .backend import DenseBackend
-from .geometry import Geometry, geometry_of, per_unit
+from ..routing.stacked import SlotStack
+from .geometry import Geometry, geometry_of, mix_units, per_unit
+from .quantized import backend_for
+
+_UNMERGE_TOLERANCE = 1e-4  # relative error allowed when undoing a merged output map (see HostLayer.merge)
 
 
 class HostLayer(nn.Module):
@@ -23,21 +26,24 @@ class HostLayer(nn.Module):
     def __init__(self, base_layer: nn.Module, path: str) -> None:
         super().__init__()
         self.base_layer = base_layer
+        self.train(base_layer.training)  # a host joining an eval model is in eval mode too
         self.path = path
         self.geometry: Geometry = geometry_of(base_layer)
-        self.backend = DenseBackend(base_layer)
+        self.backend = backend_for(base_layer)
         self.adapters = nn.ModuleDict()
         self.active: tuple[str, ...] = ()
         self.merged: list[str] = []
         self._merge_scales: dict[str, Tensor | None] = {}
         self.disabled = False
         self.routing: RowRouting | None = None
+        self.stack: SlotStack | None = None  # slot tensors packed by an AdapterPool (the stacked path)
 
     def add(self, name: str, adapter: nn.Module) -> None:
         """Attach ``adapter`` (which may rewrite the base weight, see ``Adapter.attach``) under ``name``."""
         if name in self.adapters:
             raise LorakitError(f"layer {self.path!r} already has an adapter named {name!r}")
         adapter.attach(self.backend)
+        adapter.train(self.training)
         self.adapters[name] = adapter
 
     def remove(self, name: str) -> None:
@@ -51,8 +57,12 @@ class HostLayer(nn.Module):
     def merge(self, names: tuple[str, ...]) -> None:
         """Fold adapters into the base weight, each relative to the unmerged base as in the forward pass.
 
-        With per-unit factors ``c_i`` and additive parts ``D_i`` (see ``Adapter.merge_scale``), the merged weight
-        is ``(1 + sum(c_i - 1)) W0 + sum(D_i)``; the factors are kept so :meth:`unmerge` restores ``W0`` exactly.
+        With per-unit factors ``c_i``, output-side maps ``L_i`` and additive parts ``D_i`` (see
+        ``Adapter.merge_scale`` / ``merge_map``), the merged weight is ``M W0 + sum(D_i)`` with
+        ``M = I + sum(diag(c_i) - I) + sum(L_i - I)`` (diagonal unless some adapter has a map). The factors ``c_i``
+        are kept (they depend on ``W0``); :meth:`unmerge` rebuilds ``M`` and divides by it, or solves with it in
+        float64. A map that unmerging could not undo to ``max(1e-4, 10 eps)`` relative error (singular or badly
+        conditioned ``M``) is refused here, before the base is touched.
         """
         todo = list(dict.fromkeys(self.merged + list(names)))
         if todo == self.merged:
@@ -64,7 +74,9 @@ class HostLayer(nn.Module):
         w0 = self.backend.weight().float()
         scales = {n: self.adapters[n].merge_scale(self.backend) for n in todo}
         total, delta = self._merge_terms(scales, w0)
-        self.backend.set_weight(total * w0 + delta)
+        mix = self._unit_mix(todo, total, w0)
+        merged = total * w0 + delta if mix is None else self._checked_mix(mix, w0, delta, todo)
+        self.backend.set_weight(merged)
         self._shift_bias(todo, +1.0)
         self.merged, self._merge_scales = todo, scales
 
@@ -72,8 +84,15 @@ class HostLayer(nn.Module):
     def unmerge(self) -> None:
         if not self.merged:
             return
-        total, delta = self._merge_terms(self._merge_scales, self.backend.weight())
-        self.backend.set_weight((self.backend.weight().float() - delta) / total)
+        weight = self.backend.weight()
+        total, delta = self._merge_terms(self._merge_scales, weight)
+        mix = self._unit_mix(self.merged, total, weight)
+        merged = weight.float() - delta
+        restored = merged / total if mix is None else _solve_units(mix, merged)
+        if not bool(torch.isfinite(restored).all()):
+            raise LorakitError(f"cannot unmerge {self.merged} from {self.path!r}: their output map became singular "
+                               "after merging (were their tensors changed while merged?)")
+        self.backend.set_weight(restored)
         self._shift_bias(self.merged, -1.0)
         self.merged, self._merge_scales = [], {}
 
@@ -85,6 +104,33 @@ class HostLayer(nn.Module):
                 total = total + (per_unit(scale, like) - 1)
             delta += self.adapters[name].merge_delta(scale).float()
         return total, delta
+
+    def _unit_mix(self, names: list[str], total: Tensor, like: Tensor) -> Tensor | None:
+        """``M = diag(total) + sum(L_i - I)`` in float64 when some adapter has an output map, else ``None``."""
+        maps = [m for n in names if (m := self.adapters[n].merge_map(self.backend)) is not None]
+        if not maps:
+            return None
+        d_out = like.shape[0]
+        mix = torch.diag(total.double().reshape(-1).expand(d_out)) - len(maps) * torch.eye(
+            d_out, dtype=torch.float64, device=like.device)
+        for m in maps:
+            mix = mix + m.double()
+        return mix
+
+    def _checked_mix(self, mix: Tensor, w0: Tensor, delta: Tensor, names: list[str]) -> Tensor:
+        """``M W0 + D``, after checking that unmerging it (at the weight's precision) gives ``W0`` back."""
+        merged = (mix_units(mix, w0.double()) + delta.double()).float()
+        stored = merged.to(self.backend.weight().dtype).float()
+        restored = _solve_units(mix, stored - delta)
+        error = float((restored - w0).norm() / w0.norm().clamp_min(1e-30))
+        tolerance = max(_UNMERGE_TOLERANCE, 10 * torch.finfo(self.backend.weight().dtype).eps)
+        if not error <= tolerance:  # also catches nan from a singular M
+            raise LorakitError(
+                f"cannot merge {names} into {self.path!r}: their combined output map is singular or too badly "
+                f"conditioned (unmerging would restore the base weight only to {error:.3g} relative error, more than "
+                f"{tolerance:.1e}); keep them unmerged"
+            )
+        return merged
 
     def _shift_bias(self, names: list[str], sign: float) -> None:
         for name in names:
@@ -103,7 +149,10 @@ class HostLayer(nn.Module):
             return self.base_layer(x, *args, **kwargs)
         if self.routing is not None:
             return self._forward_rows(x, self.routing)
-        live = tuple(a for a in self.active if a not in self.merged)
+        return self._forward_sum(tuple(a for a in self.active if a not in self.merged), x, *args, **kwargs)
+
+    def _forward_sum(self, live: tuple[str, ...], x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        """``base(x)`` plus the contributions of adapters ``live`` (fused when there is one and it can)."""
         if not live:
             return self.base_layer(x, *args, **kwargs)
         if len(live) == 1:
@@ -117,11 +166,18 @@ class HostLayer(nn.Module):
         return out
 
     def _forward_rows(self, x: Tensor, routing: RowRouting) -> Tensor:
-        """Segment path: one adapter call per group of rows, all added back with one ``index_add``."""
+        """An adapter per row. Stacked path (inference, few tokens per adapter, every routed adapter packed in
+        ``self.stack``): one gathered batched product; else the segment path: one adapter call per group of rows,
+        all added back with one ``index_add``."""
         routing.check_rows(x.shape[0], self.path)
         if self.merged:
             raise LorakitError(f"layer {self.path!r} has merged adapters {self.merged}; unmerge before routing rows")
+        if routing.only is not None:  # one adapter for every row: the single-adapter path (fused where it can be)
+            return self._forward_sum((routing.only,) if routing.only in self.adapters else (), x)
         base_out = self.base_layer(x)
+        inference = not (self.training or torch.is_grad_enabled())
+        if inference and self.stack is not None and self.stack.takes(x, routing, self.adapters):
+            return self.stack.apply(x, base_out, routing)
         pieces, rows = [], []
         for name, idx in routing.groups(x.device):
             if name not in self.adapters:  # this adapter does not target this layer: base output
@@ -135,3 +191,9 @@ class HostLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"path={self.path!r}, adapters={list(self.adapters)}, active={list(self.active)}"
+
+
+def _solve_units(mix: Tensor, weight: Tensor) -> Tensor:
+    """``M^-1 W`` over the output units (rows) of a canonical weight, in float64 (``nan`` where ``M`` is singular)."""
+    rows, info = torch.linalg.solve_ex(mix, weight.double().reshape(weight.shape[0], -1))
+    return rows.reshape(weight.shape) if int(info) == 0 else torch.full_like(weight, float("nan"))

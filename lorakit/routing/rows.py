@@ -6,7 +6,7 @@ Everything is differentiable: gradients reach each adapter from exactly its own 
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Callable, Hashable, Sequence
 
 import torch
 from torch import Tensor
@@ -25,10 +25,17 @@ class RowRouting:
                 order.setdefault(name, []).append(row)
         self._rows = order
         self._by_device: dict[torch.device, list[tuple[str, Tensor]]] = {}
+        self._cache: dict[Hashable, Any] = {}
 
     @property
     def adapters(self) -> list[str]:
         return list(self._rows)
+
+    @property
+    def only(self) -> str | None:
+        """The adapter of every row when all rows share one, else ``None``."""
+        only = self.names[0] if self.names else None
+        return only if only is not None and len(self._rows[only]) == len(self.names) else None
 
     def groups(self, device: torch.device) -> list[tuple[str, Tensor]]:
         """``(adapter, row indices)`` per adapter present, index tensors cached per device."""
@@ -37,6 +44,12 @@ class RowRouting:
                 (name, torch.tensor(rows, dtype=torch.long, device=device)) for name, rows in self._rows.items()
             ]
         return self._by_device[device]
+
+    def cached(self, key: Hashable, make: Callable[[], Any]) -> Any:
+        """``make()`` once per batch and ``key`` (e.g. the stacked path's per-row slot ids), shared by all layers."""
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
 
     def check_rows(self, n_rows: int, layer: str) -> None:
         if n_rows != len(self.names):

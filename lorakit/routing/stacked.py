@@ -1,0 +1,153 @@
+"""The stacked path: many low-rank adapters applied to one batch by slot id (S-LoRA, METHODS.md entry 65).
+
+S-LoRA's batched LoRA kernels (Punica's BGMV for decode, MBGMM for prefill: "batched gather matrix-vector /
+matrix-matrix") compute, for row ``i`` with adapter slot ``s_i``,
+
+    y_i = W0 x_i + B[s_i] (A[s_i] x_i)          # B, A: the slot's factors with the scale folded in
+
+A :class:`SlotStack` holds one host layer's slot tensors; the adapter pool (:mod:`.pool`) decides which adapter sits
+in which slot (a :class:`SlotTable` shared by every layer) and packs ``Adapter.factors()`` into them.
+
+The product here is the padded form of MBGMM in plain PyTorch, which runs on any device: the rows are grouped by
+slot into ``X[g, m]`` (``g``: slot ``lo + g`` of the range of slots in use, ``m``: the rows of that slot, padded to
+the most rows any slot has), then two ``torch.bmm`` calls read the slot tensors *in place* (a slice, no gather):
+``H = X A^T[lo:hi]``, ``D = H B^T[lo:hi]``, and ``D`` is added back to each row. Measured on CPU against the
+alternatives (``benchmarks/mixed_batch.py``; docs/benchmarks.md, "Mixed-adapter batches"): gathering each row's
+factors (``A[s]`` for the batch, Punica's layout) copies every adapter once per row, and ``torch.nn.functional
+.grouped_mm`` loops over the groups in Python-visible ops on CPU; both were slower. The cost is the slots in the range
+``lo..hi`` (the pool packs adapters into the lowest free slots, so the range stays compact) plus the padding of
+uneven groups (activations only, small beside the weights at decode).
+
+The factors are stored transposed, ``A^T[n, d_in, r_max]`` and ``B^T[n, r_max, d_out]``, the layout ``torch.bmm``
+reads fastest (2-4x faster on CPU than transposed views of ``A[n, r_max, d_in]``, ``B[n, d_out, r_max]``). Adapters
+of lower rank are zero-padded to the largest rank in the stack (``r_max`` grows, never shrinks).
+
+The path is inference only (no autograd through the slots); the host layer uses the segment path (:mod:`.rows`)
+when gradients are on, in training mode, when many tokens share an adapter (:data:`MAX_TOKENS_PER_ADAPTER`), or
+when uneven groups would pad the grid too much (:data:`MAX_PADDING`).
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..errors import LorakitError
+from .rows import RowRouting
+
+# The stacked path is taken when the largest group of rows sharing an adapter holds at most MAX_TOKENS_PER_ADAPTER
+# tokens and the padded grid has at most MAX_PADDING times the rows routed to an adapter. Both measured on CPU
+# (benchmarks/mixed_batch.py and its layer-level skew check; docs/benchmarks.md, "Mixed-adapter batches").
+MAX_TOKENS_PER_ADAPTER = 32
+MAX_PADDING = 2.0
+
+
+class SlotTable:
+    """Adapter name -> slot, shared by the :class:`SlotStack` of every layer of one pool."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.slots: dict[str, int] = {}
+        self.version = 0  # bumped on every change: keys the per-batch slot-id cache
+
+    def assign(self, name: str) -> int:
+        free = sorted(set(range(self.capacity)) - set(self.slots.values()))
+        if not free:
+            raise LorakitError(f"all {self.capacity} slots are taken; free one before placing {name!r}")
+        self.slots[name] = free[0]
+        self.version += 1
+        return free[0]
+
+    def free(self, name: str) -> int:
+        self.version += 1
+        return self.slots.pop(name)
+
+    def groups(self, routing: RowRouting, device: torch.device) -> tuple[Tensor, Tensor, int, int, int]:
+        """The batch's rows grouped by slot, cached per batch: ``rows`` (those with an adapter, by slot), ``cells``
+        (each one's index in the padded ``(hi - lo) * most`` grid), ``lo, hi`` (the slots in use), ``most`` (the
+        most rows any slot has)."""
+        def make() -> tuple[Tensor, Tensor, int, int, int]:
+            placed = sorted((self.slots[n], row) for row, n in enumerate(routing.names) if n is not None)
+            if not placed:
+                return torch.empty(0, dtype=torch.long, device=device), torch.empty(0), 0, 0, 0
+            lo, hi = placed[0][0], placed[-1][0] + 1
+            seen: dict[int, int] = {}
+            cells = []
+            for slot, _ in placed:
+                cells.append((slot - lo, seen.get(slot, 0)))
+                seen[slot] = seen.get(slot, 0) + 1
+            most = max(seen.values())
+            rows = torch.tensor([row for _, row in placed], dtype=torch.long, device=device)
+            index = torch.tensor([g * most + m for g, m in cells], dtype=torch.long, device=device)
+            return rows, index, lo, hi, most
+
+        return routing.cached(("groups", id(self), self.version, device), make)
+
+
+class SlotStack:
+    """One linear layer's slot tensors ``A^T[capacity, d_in, r_max]``, ``B^T[capacity, r_max, d_out]``."""
+
+    def __init__(self, table: SlotTable, d_in: int, d_out: int, like: Tensor) -> None:
+        self.table = table
+        self.members: set[str] = set()  # adapters packed here (the slots of others are zero in this layer)
+        n = table.capacity
+        self.a_t = torch.zeros(n, d_in, 0, dtype=like.dtype, device=like.device)  # (n, d_in, r_max)
+        self.b_t = torch.zeros(n, 0, d_out, dtype=like.dtype, device=like.device)  # (n, r_max, d_out)
+
+    @property
+    def rank(self) -> int:
+        return self.a_t.shape[-1]
+
+    @torch.no_grad()
+    def put(self, name: str, b_eff: Tensor, a_eff: Tensor) -> None:
+        """Pack ``name``'s ``B_eff (d_out, r)``, ``A_eff (r, d_in)`` into its slot, growing ``r_max`` if needed."""
+        r = a_eff.shape[0]
+        grow = r - self.rank
+        if grow > 0:
+            self.a_t = F.pad(self.a_t, (0, grow))
+            self.b_t = F.pad(self.b_t, (0, 0, 0, grow))
+        slot = self.table.slots[name]
+        self.a_t[slot].zero_()
+        self.b_t[slot].zero_()
+        self.a_t[slot, :, :r] = a_eff.t()
+        self.b_t[slot, :r] = b_eff.t()
+        self.members.add(name)
+
+    @torch.no_grad()
+    def drop(self, name: str) -> None:
+        """Zero ``name``'s slot (call before the table frees it)."""
+        if name in self.members:
+            slot = self.table.slots[name]
+            self.a_t[slot].zero_()
+            self.b_t[slot].zero_()
+            self.members.discard(name)
+
+    def nbytes(self) -> int:
+        return self.a_t.numel() * self.a_t.element_size() + self.b_t.numel() * self.b_t.element_size()
+
+    def takes(self, x: Tensor, routing: RowRouting, layer_adapters: Iterable[str]) -> bool:
+        """Whether this batch should take the stacked path: every routed adapter of the layer is packed here, few
+        tokens share each adapter (decode) and the groups are even enough to pad."""
+        present = set(layer_adapters)
+        routed = [n for n in routing.adapters if n in present]
+        if not routed or any(n not in self.members for n in routed):
+            return False
+        rows, _, lo, hi, most = self.table.groups(routing, x.device)
+        tokens = x.numel() // (x.shape[0] * x.shape[-1])  # per row
+        return most * tokens <= MAX_TOKENS_PER_ADAPTER and (hi - lo) * most <= MAX_PADDING * len(rows)
+
+    def apply(self, x: Tensor, base_out: Tensor, routing: RowRouting) -> Tensor:
+        """``base_out + B[s_i] A[s_i] x_i`` for every row ``i`` with an adapter (``x``: (B, ..., d_in))."""
+        rows, cells, lo, hi, most = self.table.groups(routing, x.device)
+        if not rows.numel():
+            return base_out
+        x3 = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, T, d_in)
+        tokens, d_in = x3.shape[1:]
+        grid = x3.new_zeros((hi - lo) * most, tokens, d_in, dtype=self.a_t.dtype)
+        grid.index_copy_(0, cells, x3.index_select(0, rows).to(self.a_t.dtype))
+        h = torch.bmm(grid.view(hi - lo, most * tokens, d_in), self.a_t[lo:hi])  # (G, most T, r_max)
+        delta = torch.bmm(h, self.b_t[lo:hi]).view((hi - lo) * most, tokens, -1)  # (G most, T, d_out)
+        out = base_out.reshape(x3.shape[0], tokens, -1)
+        return out.index_add(0, rows, delta.index_select(0, cells).to(base_out.dtype)).reshape(base_out.shape)

@@ -1,0 +1,204 @@
+"""AdapterPool: registration from disk (lorakit and PEFT files), LRU residency, pinning, capacity, hostile input."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from zoo import perturb, tiny_llama
+
+import lorakit
+from lorakit.io.adapter_files import CONFIG_FILE, WEIGHTS_FILE
+
+peft = pytest.importorskip("peft")  # a dev dependency: always installed by `make test`
+
+IDS = torch.randint(0, 96, (4, 5), generator=torch.Generator().manual_seed(0))
+
+
+def save_adapters(root: Path, specs: dict[str, lorakit.AdapterConfig], seed: int = 0) -> dict[str, Path]:
+    """Save one perturbed adapter per ``name -> config`` (each on its own tiny Llama) under ``root/name``."""
+    paths = {}
+    for i, (name, config) in enumerate(specs.items()):
+        torch.manual_seed(seed + i)
+        model = lorakit.adapt(tiny_llama(), config, name)
+        perturb(model)
+        paths[name] = lorakit.save_adapter(model, root / name, name)
+    return paths
+
+
+def row_alone(model: torch.nn.Module, ids: torch.Tensor, name: str | None) -> torch.Tensor:
+    """Logits of ``ids`` with only adapter ``name`` active (``None``: the base model)."""
+    with torch.no_grad():
+        if name is None:
+            with lorakit.disable(model):
+                return model(ids).logits
+        lorakit.set_active(model, name)
+        return model(ids).logits
+
+
+@pytest.fixture
+def three(tmp_path: Path) -> dict[str, Path]:
+    return save_adapters(tmp_path, {n: lorakit.LoraConfig(r=r, targets=["q_proj", "v_proj"])
+                                    for n, r in (("a", 2), ("b", 4), ("c", 8))})
+
+
+def test_register_reads_files_and_reports_info(three):
+    model = tiny_llama()
+    pool = lorakit.AdapterPool(model, capacity=2)
+    for name, path in three.items():
+        pool.register(name, path)
+    assert pool.names() == ["a", "b", "c"]
+    assert pool.resident() == ["a", "b"]  # validated by attaching; stays while a slot is free
+    assert sorted(lorakit.configs(model)) == ["a", "b"]
+    info = pool.info("c")
+    file_bytes = sum(t.numel() * t.element_size() for t in load_file(three["c"] / WEIGHTS_FILE).values())
+    assert (info["method"], info["rank"], info["bytes"], info["resident"]) == ("lora", 8, file_bytes, False)
+    assert info["targets"] == [f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "v_proj")]
+
+
+def test_lru_eviction_order(three):
+    model = tiny_llama()
+    pool = lorakit.AdapterPool(model, capacity=2)
+    for name, path in three.items():
+        pool.register(name, path)
+    pool.acquire(["c"])  # evicts a, the least recently used
+    assert pool.resident() == ["b", "c"] and "a" not in lorakit.configs(model)
+    pool.release(["c"])
+    pool.acquire(["b"])  # touch b: c becomes the least recently used
+    pool.release(["b"])
+    pool.acquire(["a"])
+    assert pool.resident() == ["b", "a"]
+
+
+def test_pinning_and_in_use_prevent_eviction(three):
+    pool = lorakit.AdapterPool(tiny_llama(), capacity=2)
+    for name, path in three.items():
+        pool.register(name, path)
+    pool.pin("a")
+    pool.acquire(["b"])
+    with pytest.raises(lorakit.LorakitError, match="capacity 2 cannot hold .*'c'.*pinned or in use"):
+        pool.acquire(["c"])
+    assert pool.resident() == ["a", "b"]  # nothing changed
+    with pytest.raises(lorakit.LorakitError, match="pinned"):
+        pool.unregister("a")
+    with pytest.raises(lorakit.LorakitError, match="in use"):
+        pool.unregister("b")
+    pool.release(["b"])
+    pool.acquire(["c"])  # b is free now: evicted, a stays pinned
+    assert pool.resident() == ["a", "c"]
+    with pytest.raises(lorakit.LorakitError, match="capacity 2 cannot hold"):
+        pool.acquire(["b", "c", "a"])  # three at once never fit
+    pool.unpin("a")
+    pool.release(["c"])
+    pool.unregister("a")
+    assert pool.names() == ["b", "c"] and pool.resident() == ["c"]
+
+
+def test_release_and_names_are_checked(three):
+    pool = lorakit.AdapterPool(tiny_llama(), capacity=2)
+    pool.register("a", three["a"])
+    with pytest.raises(lorakit.LorakitError, match="not in use"):
+        pool.release(["a"])
+    with pytest.raises(lorakit.LorakitError, match="unknown adapter 'zz'; registered: \\['a'\\]"):
+        pool.acquire(["zz"])
+    with pytest.raises(lorakit.LorakitError, match="already registered"):
+        pool.register("a", three["b"])
+    with pytest.raises(lorakit.LorakitError, match="must be a Python identifier"):
+        pool.register("../a", three["b"])
+    with pytest.raises(lorakit.LorakitError, match="capacity=0"):
+        lorakit.AdapterPool(tiny_llama(), capacity=0)
+    with pytest.raises(lorakit.LorakitError, match="already has an AdapterPool"):
+        lorakit.AdapterPool(pool.model, capacity=1)
+
+
+def test_resident_adapters_route_a_mixed_batch(three):
+    model, reference = tiny_llama(), tiny_llama()
+    pool = lorakit.AdapterPool(model, capacity=3)
+    for name, path in three.items():
+        pool.register(name, path)
+        lorakit.load_adapter(reference, path, name)
+    names = ["c", None, "a", "b"]
+    pool.acquire(names[:1] + names[2:])
+    with torch.no_grad(), lorakit.route(model, names):
+        mixed = model(IDS).logits
+    for i, name in enumerate(names):
+        torch.testing.assert_close(mixed[i : i + 1], row_alone(reference, IDS[i : i + 1], name))
+
+
+def test_register_and_acquire_leave_the_global_rng_alone(three):
+    pool = lorakit.AdapterPool(tiny_llama(), capacity=1)
+    state = torch.random.get_rng_state()
+    pool.register("a", three["a"])
+    pool.register("b", three["b"])
+    pool.acquire(["b"])
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_path_traversal_and_symlinks_are_refused(tmp_path):
+    allowed, outside = tmp_path / "allowed", tmp_path / "outside"
+    allowed.mkdir()
+    path = save_adapters(outside, {"x": lorakit.LoraConfig(r=2, targets=["q_proj"])})["x"]
+    os.symlink(path, allowed / "link")
+    pool = lorakit.AdapterPool(tiny_llama(), capacity=1, allowed_dir=allowed)
+    for hostile in (allowed / ".." / "outside" / "x", allowed / "link", path):
+        with pytest.raises(lorakit.AdapterFileError, match="outside the allowed directory"):
+            pool.register("x", hostile)
+    assert pool.names() == []
+
+
+@pytest.mark.parametrize("damage", ["missing", "corrupt", "pickle", "foreign_keys", "wrong_shape"])
+def test_bad_files_are_clear_errors_and_leave_the_model_alone(tmp_path, damage):
+    path = save_adapters(tmp_path, {"x": lorakit.LoraConfig(r=2, targets=["q_proj"])})["x"]
+    weights = path / WEIGHTS_FILE
+    if damage == "missing":
+        path = tmp_path / "nowhere"
+    elif damage == "corrupt":
+        weights.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage" + b"\xff" * 40)
+    elif damage == "pickle":
+        weights.unlink()
+        torch.save({}, path / "adapter_model.bin")
+    else:
+        from safetensors.torch import save_file
+
+        tensors = load_file(weights)
+        if damage == "foreign_keys":
+            tensors = {k.replace("self_attn", "cross_attn"): v for k, v in tensors.items()}
+        else:
+            tensors = {k: torch.cat([v, v], dim=0) for k, v in tensors.items()}
+        save_file(tensors, weights, metadata={"format": "pt"})
+    model = tiny_llama()
+    pool = lorakit.AdapterPool(model, capacity=1)
+    match = {"missing": "not a directory", "corrupt": "not a valid safetensors", "pickle": "pickle",
+             "foreign_keys": "names no module", "wrong_shape": "has shape"}[damage]
+    with pytest.raises(lorakit.AdapterFileError, match=match):
+        pool.register("x", path)
+    assert pool.names() == [] and pool.resident() == [] and not lorakit.configs(model)
+    assert not list(lorakit.inject.hosts(model))
+
+
+def test_peft_files_load_and_match_peft(tmp_path):
+    """Adapters written by PEFT itself: the pool's mixed batch equals PEFT's per-adapter outputs."""
+    ranks = {"p0": 2, "p1": 4}
+    for i, (name, r) in enumerate(ranks.items()):
+        torch.manual_seed(10 + i)
+        cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj", "down_proj"],
+                              init_lora_weights=False)
+        peft.get_peft_model(tiny_llama(), cfg).save_pretrained(tmp_path / name)
+    assert (tmp_path / "p0" / CONFIG_FILE).is_file()
+    model = tiny_llama()
+    pool = lorakit.AdapterPool(model, capacity=2, allowed_dir=tmp_path)
+    for name in ranks:
+        pool.register(name, tmp_path / name)
+    assert pool.info("p1")["rank"] == 4 and pool.info("p1")["method"] == "lora"
+    names = ["p1", "p0", None, "p1"]
+    pool.acquire(["p0", "p1"])
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "p0", adapter_name="p0").eval()
+    theirs.load_adapter(tmp_path / "p1", adapter_name="p1")
+    for ids in (IDS, IDS[:, :1]):  # prefill-like (segment path) and decode-like (stacked path) shapes
+        with torch.no_grad(), lorakit.route(model, names):
+            mixed = model(ids).logits
+        with torch.no_grad():
+            expected = theirs(ids, adapter_names=["p1", "p0", "__base__", "p1"]).logits
+        torch.testing.assert_close(mixed, expected, atol=1e-5, rtol=1e-5)
