@@ -8,48 +8,24 @@ and equals 2 processes with ``--batch-size 8`` (up to floating-point rounding).
 from __future__ import annotations
 
 import contextlib
-import math
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import get_linear_schedule_with_warmup
 
-from ..inject import trainable_parameters
-from ..optim import build_optimizer
 from .checkpoint import METRICS_FILE, MetricsLog, load_checkpoint, save_checkpoint
 from .data import BatchOrder
 from .ddp import SINGLE, World, sync_gradients
-from .errors import TrainingError, explain_out_of_memory
-from .hooks import HookList, TrainingHook, optimized_parameters
+from .errors import explain_out_of_memory
+from .hooks import TrainingHook
+from .steps import AdapterSteps, TrainConfig
 from .tasks import Example, Task
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Optimisation settings. ``batch_size`` is the global micro-batch (split over processes)."""
-
-    steps: int
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup: float = 0.05  # fraction of the steps
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    save_every: int = 0  # 0: only the final adapter (and a checkpoint on Ctrl-C)
-    optimizer: str = "adamw"  # a name in lorakit.optim.OPTIMIZERS
-    optimizer_options: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def global_batch(self) -> int:
-        return self.batch_size * self.grad_accum
 
 
 @dataclass
@@ -83,7 +59,7 @@ def _deferred_interrupt() -> Iterator[None]:
             raise KeyboardInterrupt
 
 
-class Trainer:
+class Trainer(AdapterSteps):
     """Trains the adapter named ``default`` on ``model`` over ``examples`` with ``task``'s loss.
 
     ``hooks`` (:class:`~lorakit.train.hooks.TrainingHook`) change ranks, layers or update rules during training;
@@ -94,22 +70,12 @@ class Trainer:
                  output: Path, world: World = SINGLE, callbacks: Sequence[Callback] = (),
                  hooks: Sequence[TrainingHook] = ()) -> None:
         world.check_batch(config.batch_size)
-        self.model, self.task, self.examples, self.config = model, task, examples, config
+        super().__init__(model, "default", config, hooks)
+        self.task, self.examples = task, examples
         self.output, self.world, self.callbacks = output, world, list(callbacks)
-        self.hooks = HookList(hooks)
-        self.optimizer = build_optimizer(config.optimizer, trainable_parameters(model, "default"), lr=config.lr,
-                                         weight_decay=config.weight_decay, **config.optimizer_options)
-        self.scheduler = get_linear_schedule_with_warmup(
-            self.optimizer, math.ceil(config.warmup * config.steps), config.steps)
         self.order = BatchOrder(len(examples), config.global_batch, config.seed)
         self.log = MetricsLog(output / METRICS_FILE, enabled=world.main)
-        self.step = 0
         self.last_checkpoint: Path | None = None
-
-    @property
-    def params(self) -> list[nn.Parameter]:
-        """The tensors trained now (hooks may prune, grow or freeze them between steps)."""
-        return optimized_parameters(self.optimizer)
 
     def resume(self, checkpoint: Path) -> None:
         """Continue from ``checkpoint`` (RNG restored in the main process; others are re-seeded per rank)."""
@@ -170,24 +136,12 @@ class Trainer:
                 (sums.loss / total).backward()
                 loss_sum += sums.loss.item()
                 tokens += int(inputs["attention_mask"].sum())
-            extra = self.hooks.regulariser(self.model)
-            if extra is not None:  # once per step; gradients are summed over processes
-                (extra / self.world.size).backward()
+            self.regularise(1 / self.world.size)  # gradients are summed over processes
         loss_sum, tokens = sync_gradients(self.world, self.params, [loss_sum, float(tokens)])
         loss = loss_sum / total
-        norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm))
-        if not (math.isfinite(loss) and math.isfinite(norm)):
-            self.optimizer.zero_grad(set_to_none=True)
-            kept = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else \
-                "no checkpoint was saved yet (use --save-every)"
-            raise TrainingError(f"loss is {loss} (gradient norm {norm}) at step {self.step + 1}; stopped before "
-                                f"applying it: {kept}. Lower --lr or check the data")
+        kept = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else \
+            "no checkpoint was saved yet (use --save-every)"
+        norm = self.clip(loss, "", f"{kept}. Lower --lr or check the data")
         with _deferred_interrupt():
-            lr = self.scheduler.get_last_lr()[0]
-            self.hooks.before_step(self.model, self.optimizer, self.step)
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.step += 1
-            self.hooks.after_step(self.model, self.optimizer, self.step)
+            lr = self.apply()
         return StepResult(self.step, loss, lr, norm, int(tokens), time.perf_counter() - start)
