@@ -101,7 +101,7 @@ def trainable_counts(sb_rank: int) -> dict[str, int]:
     counts = {}
     for variant in VARIANTS:
         rank = sb_rank if variant.init == "lora-sb" else variant.rank
-        name = f"count_{variant.name}"
+        name = "count_" + variant.name.replace("-", "_")
         # data-free placeholder init: the count does not depend on the initialiser
         lorakit.adapt(model, lorakit.build_config(variant.method, r=rank, targets="all-linear"), name,
                       activate=False)
@@ -143,17 +143,17 @@ def main() -> None:
     args = parser.parse_args()
     chosen = [v for v in VARIANTS if args.variants is None or v.name in args.variants.split(",")]
     args.params = trainable_counts(args.sb_rank)
-    for variant in chosen:
-        plan = [(lr, 0) for lr in variant.lrs]
-        for lr, seed in plan + [(None, s) for s in range(1, args.seeds)]:
-            lr = lr if lr is not None else best_lr(load(args.out), variant, args.tail)
-            if done(load(args.out), variant, lr, seed):
-                continue
-            record = run_one(variant, lr, seed, args)
-            with open(args.out, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-            print(f"{variant.name} lr={lr:g} seed={seed}: last-{args.tail} loss "
-                  f"{tail_mean(record['losses'], args.tail):.4f}, acc {record['accuracy']:.3f}", flush=True)
+    # the grid on seed 0 for every variant first, then the other seeds at each variant's best rate
+    plan = [(v, lr, 0) for v in chosen for lr in v.lrs] + [(v, None, s) for s in range(1, args.seeds) for v in chosen]
+    for variant, lr, seed in plan:
+        lr = lr if lr is not None else best_lr(load(args.out), variant, args.tail)
+        if done(load(args.out), variant, lr, seed):
+            continue
+        record = run_one(variant, lr, seed, args)
+        with open(args.out, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        print(f"{variant.name} lr={lr:g} seed={seed}: last-{args.tail} loss "
+              f"{tail_mean(record['losses'], args.tail):.4f}, acc {record['accuracy']:.3f}", flush=True)
     print(table(load(args.out), args.tail))
 
 

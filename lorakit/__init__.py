@@ -27,14 +27,32 @@ from .inject import (
 from .io.adapter_files import load_adapter, save_adapter
 from .io.export import export_lora
 from .methods import METHODS, build_config
+from .methods.adalora import AdaLoraConfig, IncreLoraConfig
+from .methods.block_lora import BlockLoraConfig
 from .methods.bone import BoneConfig
+from .methods.compacter import CompacterConfig
+from .methods.cp_lora import CpDoraConfig, CpLoraConfig
 from .methods.dora import DoraConfig
+from .methods.dylora import DyLoraConfig
+from .methods.flora_n import FloraNConfig
+from .methods.hydra import HydraConfig
 from .methods.kron import KronConfig
+from .methods.lamda import LamdaConfig
+from .methods.loca import LocaConfig
 from .methods.loldu import LolduConfig
 from .methods.lora import LoraConfig, LoraFAConfig
 from .methods.lora_xs import LoraXsConfig, SloraConfig
+from .methods.mos import MosConfig
+from .methods.mosa import MosaConfig
 from .methods.randlora import RandLoraConfig
+from .methods.s2lora import S2LoraConfig
+from .methods.sara import SaraConfig
+from .methods.sora import SoraConfig
 from .methods.svfit import SvfitConfig
+from .methods.tlora import TloraConfig
+from .methods.wara import WaraConfig
+from .quant.model import quantize, rounding_errors
+from .routing.pool import AdapterPool
 
 __version__ = "0.1.0"
 
@@ -44,4 +62,10 @@ __all__ = [
     "trainable_parameters", "unload", "unmerge", "METHODS", "build_config", "BoneConfig", "DoraConfig", "KronConfig",
     "LoraConfig", "LoraFAConfig", "RandLoraConfig", "load_adapter", "save_adapter",
     "INITS", "initialize", "export_lora", "LolduConfig", "LoraXsConfig", "SloraConfig", "SvfitConfig",
+    "quantize", "rounding_errors",
+    "BlockLoraConfig", "CpDoraConfig", "CpLoraConfig", "FloraNConfig", "HydraConfig", "LocaConfig", "TloraConfig",
+    "WaraConfig",
+    "CompacterConfig", "LamdaConfig", "MosConfig", "MosaConfig", "S2LoraConfig", "SaraConfig",
+    "AdapterPool",
+    "AdaLoraConfig", "DyLoraConfig", "IncreLoraConfig", "SoraConfig",
 ]

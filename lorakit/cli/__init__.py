@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from ..errors import LorakitError
+from ..serve import cli as serve_cli
 from . import commands
 
 
@@ -33,6 +34,8 @@ COMMANDS: dict[str, Command] = {
                     commands.run_eval),
     "inspect": Command("show what an adapter config would adapt and what it costs", commands.inspect_arguments,
                        commands.run_inspect),
+    "serve": Command("serve the base model and adapters over an OpenAI-compatible HTTP API",
+                     serve_cli.serve_arguments, serve_cli.run_serve),
 }
 
 

@@ -7,6 +7,7 @@ import torch
 
 from ..inject import inspect_targets
 from ..io.adapter_files import load_adapter
+from ..train.jobs import finetune_jobs
 from ..train.model import load_model
 from ..train.run import adapter_config, evaluate_adapter, finetune
 from .options import add_adapter_args, add_data_args, add_model_args, add_train_args, options_from
@@ -17,10 +18,16 @@ def finetune_arguments(parser: argparse.ArgumentParser) -> None:
     add_data_args(parser)
     add_adapter_args(parser)
     add_train_args(parser)
+    parser.add_argument("--jobs", help="JSON list of jobs trained together over one base model, each an object with a "
+                                       "'name' and any of these options (e.g. {\"name\": \"a\", \"data\": "
+                                       "\"a.jsonl\", \"rank\": 8}); the options above are every job's defaults")
 
 
 def run_finetune(args: argparse.Namespace) -> int:
-    finetune(options_from(args))
+    if args.jobs:
+        finetune_jobs(args.jobs, options_from(args))
+    else:
+        finetune(options_from(args))
     return 0
 
 

@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+from typing import Any
 
 from ..init import INITS
 from ..methods.base import METHODS
+from ..optim import OPTIMIZERS
 from ..train.run import DEFAULT_STEPS, Options
 from ..train.tasks import TASKS
 
@@ -17,6 +20,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--model", help="transformers model folder or .gguf file (default: the embedded "
                                        "SmolLM2-135M-Instruct)")
     group.add_argument("--bf16", action="store_true", help="load the base model in bfloat16 (adapters stay float32)")
+    group.add_argument("--quant", help="quantise the frozen base's linear layers: nf4 (QLoRA), fp4 (bitsandbytes), "
+                                       "nf2/nf3/int2..int8 (--quant-backend lorakit)")
+    group.add_argument("--quant-backend", default=_DEFAULTS.quant_backend,
+                       help="bitsandbytes (default), torchao or lorakit")
 
 
 def add_adapter_args(parser: argparse.ArgumentParser) -> None:
@@ -31,6 +38,9 @@ def add_adapter_args(parser: argparse.ArgumentParser) -> None:
                                       "--init-batches training batches")
     group.add_argument("--init-batches", type=int, default=_DEFAULTS.init_batches,
                        help="training batches a data-driven initialiser sees")
+    group.add_argument("--method-option", dest="method_options", action=KeyValue, default={}, metavar="KEY=VALUE",
+                       help="another config field of the method, repeatable; values are JSON (e.g. "
+                            "sparse_lambda=0.1 for sora, target_r=8 for adalora / increlora, r_min=2 for dylora)")
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
@@ -62,12 +72,36 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--grad-accum", type=int, default=_DEFAULTS.grad_accum,
                        help="micro-batches per optimizer step (global batch = batch-size * grad-accum)")
     group.add_argument("--seed", type=int, default=_DEFAULTS.seed)
+    group.add_argument("--optimizer", default=_DEFAULTS.optimizer, choices=OPTIMIZERS.names(),
+                       help="update rule (galore / fira / natural-galore: low-rank optimizer states)")
+    group.add_argument("--optimizer-option", dest="optimizer_options", action=KeyValue, default={},
+                       metavar="KEY=VALUE", help="an option of the optimizer, repeatable; values are JSON "
+                                                 "(e.g. rank=64, update_gap=200, per_layer=true, betas=[0.9,0.95])")
+    group.add_argument("--lisa", action="store_true", help="LISA: train --lisa-layers sampled blocks at a time "
+                                                          "(embeddings and head always), redrawn every --lisa-interval")
+    group.add_argument("--lisa-layers", type=int, default=_DEFAULTS.lisa_layers, help="LISA's gamma")
+    group.add_argument("--lisa-interval", type=int, default=_DEFAULTS.lisa_interval, help="LISA's K (steps)")
     group = parser.add_argument_group("output")
     group.add_argument("--output", help="run folder (default runs/finetune-<time>)")
     group.add_argument("--save-every", type=int, default=_DEFAULTS.save_every,
                        help="checkpoint every N steps (0: only on Ctrl-C)")
     group.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
     group.add_argument("--overwrite", action="store_true", help="replace the run in --output")
+
+
+class KeyValue(argparse.Action):
+    """``--x key=value`` (repeatable) into a dict; the value is read as JSON when it parses, else kept as text."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        key, sep, text = str(values).partition("=")
+        if not sep or not key.isidentifier():
+            raise argparse.ArgumentError(self, f"expected KEY=VALUE with KEY an identifier, got {values!r}")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        setattr(namespace, self.dest, {**getattr(namespace, self.dest), key: value})
 
 
 def options_from(args: argparse.Namespace) -> Options:

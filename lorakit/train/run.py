@@ -16,9 +16,11 @@ import torch
 from torch import nn
 
 from ..config import ALL_LINEAR
+from ..init import INITS
 from ..inject import adapt
 from ..io.adapter_files import adapter_tensors, load_adapter
 from ..methods.base import METHODS, build_config
+from ..quant.model import DEFAULT_BACKEND, quantize
 from ..targeting import find_targets
 from . import default
 from .checkpoint import METRICS_FILE, MetricsLog, prepare_output, start_run
@@ -53,12 +55,15 @@ class Options:
     targets: str = ALL_LINEAR
     init: str | None = None  # the method's initialiser (default: the method's own)
     init_batches: int = 8  # training batches a data-driven initialiser sees
+    method_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # other config fields of the method
     steps: int | None = None
     epochs: float | None = None
     lr: float = 1e-3
     batch_size: int = 8
     grad_accum: int = 1
     bf16: bool = False
+    quant: str | None = None  # quantise the base's linear layers (lorakit.quantize scheme), e.g. "nf4"
+    quant_backend: str = DEFAULT_BACKEND
     seed: int = 0
     max_length: int = 128
     eval_size: int | None = None  # default: min(200, a tenth of the examples)
@@ -67,6 +72,11 @@ class Options:
     save_every: int = 0
     resume: bool = False
     overwrite: bool = False
+    optimizer: str = "adamw"  # a name in lorakit.optim.OPTIMIZERS
+    optimizer_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # the optimizer's own options
+    lisa: bool = False  # LISA: train lisa_layers sampled blocks (plus everything outside the blocks) at a time
+    lisa_layers: int = 2  # LISA's gamma
+    lisa_interval: int = 20  # LISA's K: steps between draws
 
     @property
     def task_name(self) -> str:
@@ -106,12 +116,17 @@ def adapter_config(opts: Options) -> Any:
     values = {field: value for field, (_, value) in given.items() if field in fields}
     if opts.init is not None:
         values["init"] = opts.init
+    unknown = sorted(set(opts.method_options) - fields)
+    if unknown:
+        raise DataError(f"method {opts.method!r} has no option(s) {unknown}; its config fields: {sorted(fields)}")
+    values.update(opts.method_options)
     if "targets" in values:
         values["targets"] = parse_targets(opts.targets)
     return build_config(opts.method, **values)
 
 
-def _records(opts: Options) -> list[Record]:
+def records_of(opts: Options) -> list[Record]:
+    """The records of ``--data`` (the embedded tweets when none is given)."""
     return default.default_records() if opts.data is None else read_records(opts.data)
 
 
@@ -128,10 +143,18 @@ def _task(opts: Options, tokenizer: Any, records: Sequence[Record]) -> Task:
     raise DataError(f"--task {name!r} is unknown; tasks: causal-lm, sft, classification")
 
 
+def quantize_first(opts: Options) -> bool:
+    """``--quant`` applies right after loading, unless a registered initialiser must see the full-precision weight
+    (LoftQ, PiSSA, LoRA-GA...): then the base it rewrote is quantised after adapting (QPiSSA, LoftQ)."""
+    return opts.quant is not None and (opts.init is None or opts.init not in INITS)
+
+
 def prepare(opts: Options) -> Prepared:
     """Load the model and tokenizer, read and tokenize the data, and split off the held-out examples."""
-    records = _records(opts)
+    records = records_of(opts)
     model, tokenizer = load_model(opts.model, torch.bfloat16 if opts.bf16 else torch.float32)
+    if quantize_first(opts):
+        quantize(model, opts.quant, opts.quant_backend)
     return Prepared(model, *prepare_data(opts, tokenizer, records))
 
 
@@ -144,7 +167,8 @@ def prepare_data(opts: Options, tokenizer: Any, records: Sequence[Record]) -> tu
     return task, train, held_out
 
 
-def _train_config(opts: Options, n_train: int) -> TrainConfig:
+def train_config(opts: Options, n_train: int) -> TrainConfig:
+    """The optimisation settings of ``opts`` for ``n_train`` training examples (``--epochs`` turned into steps)."""
     if opts.steps is not None and opts.epochs is not None:
         raise DataError("give --steps or --epochs, not both")
     for name in ("batch_size", "grad_accum", "eval_batch_size"):
@@ -156,10 +180,21 @@ def _train_config(opts: Options, n_train: int) -> TrainConfig:
     if steps < 1:
         raise DataError(f"--steps must be >= 1, got {steps}")
     return TrainConfig(steps=steps, batch_size=opts.batch_size, grad_accum=opts.grad_accum, lr=opts.lr,
-                       seed=opts.seed, save_every=opts.save_every)
+                       seed=opts.seed, save_every=opts.save_every, optimizer=opts.optimizer,
+                       optimizer_options=dict(opts.optimizer_options))
 
 
-def _report(before: dict[str, float], after: dict[str, float], prepared: Prepared) -> list[str]:
+def option_hooks(opts: Options) -> list[TrainingHook]:
+    """Hooks the options ask for (``--lisa``)."""
+    if not opts.lisa:
+        return []
+    from ..optim.lisa import LISA  # imported here: lorakit.optim.lisa imports lorakit.train
+
+    return [LISA(gamma=opts.lisa_layers, interval=opts.lisa_interval, seed=opts.seed)]
+
+
+def report_lines(before: dict[str, float], after: dict[str, float], prepared: Prepared) -> list[str]:
+    """The before/after lines a run prints (with the majority-class rate for classification)."""
     lines = [f"before: {describe(before)}", f"after:  {describe(after)}"]
     if isinstance(prepared.task, ClassificationTask):
         label, rate = majority_rate(prepared.held_out)
@@ -192,7 +227,7 @@ def _finetune(opts: Options, world: World, started: float, callbacks: Sequence[C
     checkpoint = prepare_output(output, settings, resume=opts.resume, overwrite=opts.overwrite)
     torch.manual_seed(opts.seed)
     prepared = prepare(opts)
-    config = _train_config(opts, len(prepared.train))
+    config = train_config(opts, len(prepared.train))
     adapter = adapter_config(opts)
     find_targets(prepared.model, adapter)  # a bad --targets stops here, before evaluating or writing anything
     if opts.init_batches < 1:
@@ -206,12 +241,16 @@ def _finetune(opts: Options, world: World, started: float, callbacks: Sequence[C
     if needs_data(prepared.model):
         initialize_from_task(prepared.model, prepared.task, prepared.train, opts.batch_size, opts.init_batches,
                              opts.seed)
+    if opts.quant is not None and not quantize_first(opts):
+        quantize(prepared.model, opts.quant, opts.quant_backend)
     world.broadcast(list(adapter_tensors(prepared.model, "default").values()))
     torch.manual_seed(opts.seed + world.rank)  # random ops in training (dropout) differ per process
     if world.main:
         start_run(output, settings, fresh=checkpoint is None)
     world.barrier()
-    trainer = Trainer(prepared.model, prepared.task, prepared.train, config, output, world, callbacks, hooks)
+    method_hooks = METHODS.get(adapter.method)[0].training_hooks(adapter, "default", config.steps)
+    trainer = Trainer(prepared.model, prepared.task, prepared.train, config, output, world, callbacks,
+                      [*method_hooks, *option_hooks(opts), *hooks])
     if checkpoint is not None:
         trainer.resume(checkpoint)
     log = trainer.log
@@ -224,7 +263,7 @@ def _finetune(opts: Options, world: World, started: float, callbacks: Sequence[C
     if world.main:
         saved = save_trained(prepared.model, output)
         plotted = plot_loss(log.read(), output / "loss.png")
-        lines = _report(before, after, prepared) + [
+        lines = report_lines(before, after, prepared) + [
             f"wall time {seconds:.0f} s ({config.steps} steps of {config.global_batch} examples, "
             f"{len(prepared.train)} training examples)",
             f"{saved} saved to {output}" + ("" if plotted else " (loss plot skipped: pip install matplotlib)")]
@@ -248,7 +287,7 @@ def evaluate_adapter(opts: Options, adapter: str | None) -> dict[str, Any]:
         load_adapter(prepared.model, adapter, dtype=torch.float32)
         result["after"] = evaluate(prepared.model, prepared.task, prepared.held_out, opts.eval_batch_size,
                                    desc="eval adapter")
-        print("\n".join(_report(before, result["after"], prepared)))
+        print("\n".join(report_lines(before, result["after"], prepared)))
     else:
         print(f"base: {describe(before)}")
     return result
