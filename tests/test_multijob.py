@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -24,18 +23,6 @@ from lorakit.train.loop import TrainConfig, Trainer
 from lorakit.train.multijob import Job, MultiJobTrainer, add_job_adapter
 from lorakit.train.run import Options, prepare_data
 from lorakit.train.tasks import CausalLMTask, Example
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_model_folder(tmp_path_factory.mktemp("tiny") / "model")
-
-
-@pytest.fixture(scope="module")
-def texts(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    rng = random.Random(2)
-    rows = [{"text": " ".join(rng.choices(FILLER, k=rng.randint(2, 12)))} for _ in range(60)]
-    return write_jsonl(tmp_path_factory.mktemp("data") / "texts.jsonl", rows)
 
 
 @pytest.fixture(scope="module")

@@ -22,11 +22,11 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import require
-from .importance import Sensitivity, orthogonality
-from .ops import RankHook, gated_layers, resize_ranks, total_rank
+from .importance import ImportanceHook
+from .ops import gated_layers, resize_ranks, total_rank
 
 
-class AdaLoraHook(RankHook):
+class AdaLoraHook(ImportanceHook):
     """Budget schedule + masking + orthogonality regulariser; prunes the masked ranks at ``total_steps``.
 
     ``target_rank`` is the final total rank over all layers (``per_layer``: per layer on average).
@@ -42,11 +42,10 @@ class AdaLoraHook(RankHook):
                 (t_init, t_final), f"must be >= 0 and leave a pruning phase within {total_steps} steps")
         require(delta_t >= 1, "delta_t", delta_t, "must be >= 1")
         require(orth_reg >= 0, "orth_reg", orth_reg, "must be >= 0")
-        super().__init__(name)
+        super().__init__(name, beta1, beta2, orth_reg)
         self.total_steps, self.t_init, self.t_final = total_steps, t_init, t_final
         self.target_rank, self.per_layer, self.target = target_rank, per_layer, target_rank
-        self.delta_t, self.orth_reg = delta_t, orth_reg
-        self.importance = Sensitivity(beta1, beta2)
+        self.delta_t = delta_t
         self.initial: int | None = None
         self.masks: dict[str, Tensor] = {}  # path -> bool (r,), True = masked
 
@@ -69,14 +68,6 @@ class AdaLoraHook(RankHook):
             return self.target
         frac = 1.0 - (step - self.t_init) / span
         return int(self.target + (self.initial - self.target) * frac ** 3)
-
-    def regulariser(self, model: nn.Module) -> Tensor | None:
-        term = orthogonality(model, self.name)
-        return None if term is None or self.orth_reg == 0 else self.orth_reg * term
-
-    def before_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
-        for host, adapter in gated_layers(model, self.name):
-            self.importance.update(host.path, adapter)
 
     @torch.no_grad()
     def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ..errors import require
 from ..methods.gated import GatedLora
-from .ops import gated_layers
+from .ops import RankHook, gated_layers
 
 
 class Sensitivity:
@@ -80,3 +80,21 @@ def orthogonality(model: nn.Module, name: str) -> Tensor | None:
         eye = torch.eye(adapter.r, device=q.device, dtype=q.dtype)
         terms += [torch.linalg.matrix_norm(q @ q.t() - eye), torch.linalg.matrix_norm(p.t() @ p - eye)]
     return torch.stack(terms).mean() if terms else None
+
+
+class ImportanceHook(RankHook):
+    """Base of AdaLoRA's and IncreLoRA's hooks: the smoothed sensitivity of every triplet, updated from each step's
+    gradients before the optimizer step, and the orthogonality regulariser ``orth_reg * R(P, Q)`` on the loss."""
+
+    def __init__(self, name: str, beta1: float, beta2: float, orth_reg: float) -> None:
+        super().__init__(name)
+        self.orth_reg = orth_reg
+        self.importance = Sensitivity(beta1, beta2)
+
+    def regulariser(self, model: nn.Module) -> Tensor | None:
+        term = orthogonality(model, self.name)
+        return None if term is None or self.orth_reg == 0 else self.orth_reg * term
+
+    def before_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+        for host, adapter in gated_layers(model, self.name):
+            self.importance.update(host.path, adapter)

@@ -13,14 +13,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from ..errors import require
-from .importance import Sensitivity, orthogonality
-from .ops import RankHook, gated_layers, resize_ranks, total_rank
+from .importance import ImportanceHook
+from .ops import gated_layers, resize_ranks, total_rank
 
 
-class IncreLoraHook(RankHook):
+class IncreLoraHook(ImportanceHook):
     """Importance-driven rank growth within ``budget`` (the total rank over all layers; ``per_layer``: per layer
     on average)."""
 
@@ -30,10 +30,9 @@ class IncreLoraHook(RankHook):
         require(grow_every >= 1, "grow_every", grow_every, "must be >= 1")
         require(grow_layers >= 1, "grow_layers", grow_layers, "must be >= 1")
         require(orth_reg >= 0, "orth_reg", orth_reg, "must be >= 0")
-        super().__init__(name)
+        super().__init__(name, beta1, beta2, orth_reg)
         self.budget_given, self.per_layer, self.budget = budget, per_layer, budget
-        self.grow_every, self.grow_layers, self.orth_reg = grow_every, grow_layers, orth_reg
-        self.importance = Sensitivity(beta1, beta2)
+        self.grow_every, self.grow_layers = grow_every, grow_layers
 
     def on_train_begin(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         super().on_train_begin(model, optimizer)
@@ -41,14 +40,6 @@ class IncreLoraHook(RankHook):
         self.budget = self.budget_given * layers if self.per_layer else self.budget_given
         start = total_rank(model, self.name)
         require(start <= self.budget, "budget", self.budget, f"must be at least the starting total rank {start}")
-
-    def regulariser(self, model: nn.Module) -> Tensor | None:
-        term = orthogonality(model, self.name)
-        return None if term is None or self.orth_reg == 0 else self.orth_reg * term
-
-    def before_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
-        for host, adapter in gated_layers(model, self.name):
-            self.importance.update(host.path, adapter)
 
     @torch.no_grad()
     def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
