@@ -120,6 +120,8 @@ def adapt(
     if name in configs(model):
         raise LorakitError(f"adapter {name!r} already exists on this model; delete it first or pick another name")
     built, shared = _build_all(model, config, dtype)  # build everything first: a failure leaves the model untouched
+    for _, _, host, adapter in built:
+        host.check_rewrite(name, adapter)
     for path, module, host, adapter in built:
         if host is not module:
             _replace(model, path, host)

@@ -187,3 +187,14 @@ def test_init_names_and_options_are_validated_with_the_allowed_values_listed():
         lorakit.LoraConfig(init="pissa", init_options={"nitre": 4})
     with pytest.raises(lorakit.ConfigError, match="init_options"):
         lorakit.LoraConfig(init="kaiming", init_options={"niter": 4})
+
+
+def test_a_second_base_rewriting_adapter_on_a_layer_is_refused():
+    model = lorakit.adapt(tiny_llama(), lorakit.LoraConfig(r=2, init="pissa", targets=["k_proj"]), "first")
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(lorakit.LorakitError, match="'first' already rewrote the base weight"):
+        lorakit.adapt(model, lorakit.LoraConfig(r=2, init="olora", targets=["q_proj", "k_proj"]), "second")
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())  # not even q_proj, checked first
+    assert list(lorakit.configs(model)) == ["first"]  # the refused adapter left nothing behind
+    lorakit.adapt(model, lorakit.LoraConfig(r=2, targets=["k_proj"]), "plain")  # an init that keeps the base is fine
+    lorakit.adapt(model, lorakit.LoraConfig(r=2, init="pissa", targets=["v_proj"]), "other_layers")

@@ -36,15 +36,32 @@ class HostLayer(nn.Module):
         self._merge_scales: dict[str, Tensor | None] = {}
         self.disabled = False
         self.routing: RowRouting | None = None
+        self.rewriters: list[str] = []  # adapters that rewrote the base (kept after deletion: the base stays so)
         self.stack: SlotStack | None = None  # slot tensors packed by an AdapterPool (the stacked path)
 
     def add(self, name: str, adapter: nn.Module) -> None:
         """Attach ``adapter`` (which may rewrite the base weight, see ``Adapter.attach``) under ``name``."""
         if name in self.adapters:
             raise LorakitError(f"layer {self.path!r} already has an adapter named {name!r}")
-        adapter.attach(self.backend)
+        self.attach(name, adapter)
         adapter.train(self.training)
         self.adapters[name] = adapter
+
+    def attach(self, name: str, adapter: nn.Module) -> None:
+        """Let ``adapter`` (named ``name``) rewrite the base if it wants to (see :meth:`check_rewrite`)."""
+        self.check_rewrite(name, adapter)
+        if adapter.rewrites_base:
+            self.rewriters.append(name)
+        adapter.attach(self.backend)
+
+    def check_rewrite(self, name: str, adapter: nn.Module) -> None:
+        """Only one adapter per layer may rewrite the base: a second residual initialisation would rewrite the
+        already-rewritten base and silently change the first adapter's function (``W_res + s B A`` != ``W``)."""
+        first = next((n for n in self.rewriters if n != name), None)
+        if adapter.rewrites_base and first is not None:
+            raise LorakitError(f"layer {self.path!r}: adapter {first!r} already rewrote the base weight (a "
+                               f"residual initialisation); adapter {name!r} would rewrite it again and change "
+                               f"{first!r}. Give {name!r} an initialiser that leaves the base alone")
 
     def remove(self, name: str) -> None:
         if name in self.merged:

@@ -156,7 +156,7 @@ def _apply(model: nn.Module, adapter: str, factors: dict[str, Factors], infos: d
         if host.path in factors:
             module = host.adapters[adapter]
             module.apply_factors(factors[host.path], factor_dtype(host.backend, next(module.parameters()).dtype))
-            module.attach(host.backend)
+            host.attach(adapter, module)
 
 
 def _rebuild(model: nn.Module, adapter: str, ranks: dict[str, int], infos: dict[str, LayerInfo]) -> None:

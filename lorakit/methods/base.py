@@ -101,6 +101,11 @@ class Adapter(nn.Module):
     def attach(self, base: DenseBackend) -> None:
         """Called once when the adapter joins its host layer: the place to rewrite the base (PiSSA's residual)."""
 
+    @property
+    def rewrites_base(self) -> bool:
+        """Whether the next :meth:`attach` rewrites the base weight (a residual initialisation such as PiSSA's)."""
+        return False
+
     def merge_scale(self, base: DenseBackend) -> Tensor | None:
         """Per-output-unit factor this adapter applies to the base weight when merged (``None``: 1).
 

@@ -195,6 +195,10 @@ class Lora(Adapter):
             self._rewrite.apply(self.geometry, base)
             self._rewrite = None
 
+    @property
+    def rewrites_base(self) -> bool:
+        return self._rewrite is not None
+
     def live(self) -> tuple[Tensor, Tensor, float]:
         """``(A, B, s)`` as the forward pass and merging use them (DyLoRA overrides this to truncate the rank)."""
         return self.a, self.b, self.scale

@@ -130,6 +130,10 @@ class LoraXs(Adapter):
             self._rewrite.apply(self.geometry, base)
             self._rewrite = None
 
+    @property
+    def rewrites_base(self) -> bool:
+        return self._rewrite is not None
+
     def _b_eff(self) -> Tensor:  # (d_out, r[, 1...]): s * B M
         b = self.lora_B.reshape(self.lora_B.shape[0], self.r)
         return (b @ self.lora_R * self.scale).reshape(self.lora_B.shape)
