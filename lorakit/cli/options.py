@@ -11,6 +11,7 @@ from ..methods.base import METHODS
 from ..optim import OPTIMIZERS
 from ..train.run import DEFAULT_STEPS, Options
 from ..train.tasks import TASKS
+from ..train.trained import FULL
 
 _DEFAULTS = Options()
 
@@ -28,7 +29,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 def add_adapter_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("adapter")
-    group.add_argument("--method", default=_DEFAULTS.method, choices=METHODS.names(), help="adapter method")
+    group.add_argument("--method", default=_DEFAULTS.method, choices=[*METHODS.names(), FULL],
+                       help="adapter method, or 'full' to train every weight (e.g. with --optimizer galore or --lisa)")
     group.add_argument("--rank", type=int, default=_DEFAULTS.rank, help="adapter rank r")
     group.add_argument("--alpha", type=float, default=_DEFAULTS.alpha, help="scale numerator (update * alpha / r)")
     group.add_argument("--targets", default=_DEFAULTS.targets,

@@ -24,6 +24,7 @@ from ..io.adapter_files import WEIGHTS_FILE, adapter_tensors, reproducible_from_
 from ..io.files import read_json, read_safetensors, write_json, write_safetensors
 from .errors import TrainingError
 from .hooks import TrainingHook
+from .trained import MODEL_FILE, full_state, is_full, weights_file
 
 RUN_FILE, METRICS_FILE, TRAINER_FILE, STATE_FILE = "run.json", "metrics.jsonl", "trainer.pt", "state.json"
 KEEP = 2
@@ -86,7 +87,9 @@ def save_checkpoint(output: Path, model: nn.Module, optimizer: torch.optim.Optim
     target = output / f"checkpoint-{state['step']}"
     tmp = Path(tempfile.mkdtemp(dir=output, prefix=f".{target.name}."))
     try:
-        if reproducible_from_file(model):
+        if is_full(model):
+            write_safetensors(tmp / MODEL_FILE, full_state(model), {"format": "pt"})
+        elif reproducible_from_file(model):
             save_adapter(model, tmp)
         else:  # resumable only: the run re-initialises the base from data before loading these
             write_safetensors(tmp / WEIGHTS_FILE, adapter_tensors(model, "default"), {"format": "pt"})
@@ -113,8 +116,8 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     trainer = torch.load(path / TRAINER_FILE, weights_only=True)
     if hooks is not None:
         hooks.load_state_dict(trainer.get("hooks", {}), model)
-    saved, _ = read_safetensors(path / WEIGHTS_FILE)
-    current = adapter_tensors(model, "default")
+    saved, _ = read_safetensors(path / weights_file(model))
+    current = full_state(model) if is_full(model) else adapter_tensors(model, "default")
     if set(saved) != set(current):
         raise TrainingError(f"{path} does not fit this model's adapter (keys differ)")
     misfits = sorted(k for k, t in current.items() if t.shape != saved[k].shape)

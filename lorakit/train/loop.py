@@ -26,6 +26,7 @@ from .errors import explain_out_of_memory
 from .hooks import TrainingHook
 from .steps import AdapterSteps, TrainConfig
 from .tasks import Example, Task
+from .trained import trained_parameters
 
 
 @dataclass
@@ -60,7 +61,8 @@ def _deferred_interrupt() -> Iterator[None]:
 
 
 class Trainer(AdapterSteps):
-    """Trains the adapter named ``default`` on ``model`` over ``examples`` with ``task``'s loss.
+    """Trains the adapter named ``default`` of ``model`` (or, with none, every weight: full fine-tuning) over
+    ``examples`` with ``task``'s loss.
 
     ``hooks`` (:class:`~lorakit.train.hooks.TrainingHook`) change ranks, layers or update rules during training;
     ``callbacks`` only observe each finished step (logging, early stop).
@@ -70,7 +72,7 @@ class Trainer(AdapterSteps):
                  output: Path, world: World = SINGLE, callbacks: Sequence[Callback] = (),
                  hooks: Sequence[TrainingHook] = ()) -> None:
         world.check_batch(config.batch_size)
-        super().__init__(model, "default", config, hooks)
+        super().__init__(model, trained_parameters(model), config, hooks)
         self.task, self.examples = task, examples
         self.output, self.world, self.callbacks = output, world, list(callbacks)
         self.order = BatchOrder(len(examples), config.global_batch, config.seed)

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..config import AdapterConfig
-from ..inject import adapt, route
+from ..inject import adapt, route, trainable_parameters
 from .checkpoint import METRICS_FILE, MetricsLog
 from .data import BatchOrder
 from .errors import TrainingError, explain_out_of_memory
@@ -74,7 +74,7 @@ class _JobState(AdapterSteps):
     """One job's optimisation state (optimizer, schedule, hooks, step), data order, metrics log and step sums."""
 
     def __init__(self, model: nn.Module, job: Job) -> None:
-        super().__init__(model, job.name, job.config, job.hooks)
+        super().__init__(model, trainable_parameters(model, job.name), job.config, job.hooks)
         self.job = job
         self.order = BatchOrder(len(job.examples), job.config.global_batch, job.config.seed)
         self.log = MetricsLog(job.output / METRICS_FILE)

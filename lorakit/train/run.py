@@ -33,7 +33,8 @@ from .loop import Callback, TrainConfig, Trainer
 from .model import load_model
 from .plot import plot_loss
 from .tasks import CausalLMTask, ClassificationTask, Example, SFTTask, Task
-from .warm_start import initialize_from_task, needs_data, save_trained
+from .trained import FULL, save_result
+from .warm_start import initialize_from_task, needs_data
 
 DEFAULT_STEPS = 60
 
@@ -225,11 +226,15 @@ def _finetune(opts: Options, world: World, started: float, callbacks: Sequence[C
     output = Path(opts.output) if opts.output else default_output()
     settings = {**dataclasses.asdict(opts), "output": str(output), "world_size": world.size}
     checkpoint = prepare_output(output, settings, resume=opts.resume, overwrite=opts.overwrite)
+    full = opts.method == FULL
+    if full:
+        _check_full(opts)
     torch.manual_seed(opts.seed)
     prepared = prepare(opts)
     config = train_config(opts, len(prepared.train))
-    adapter = adapter_config(opts)
-    find_targets(prepared.model, adapter)  # a bad --targets stops here, before evaluating or writing anything
+    adapter = None if full else adapter_config(opts)
+    if adapter is not None:  # a bad --targets stops here, before evaluating or writing anything
+        find_targets(prepared.model, adapter)
     if opts.init_batches < 1:
         raise DataError(f"--init-batches must be >= 1, got {opts.init_batches}")
     # measured before adapting: initialisers such as PiSSA or LoRA-GA rewrite the base weights
@@ -237,18 +242,16 @@ def _finetune(opts: Options, world: World, started: float, callbacks: Sequence[C
     if before is None:
         before = evaluate(prepared.model, prepared.task, prepared.held_out, opts.eval_batch_size, world,
                           "eval before")
-    adapt(prepared.model, adapter, "default", dtype=torch.float32)
-    if needs_data(prepared.model):
-        initialize_from_task(prepared.model, prepared.task, prepared.train, opts.batch_size, opts.init_batches,
-                             opts.seed)
-    if opts.quant is not None and not quantize_first(opts):
-        quantize(prepared.model, opts.quant, opts.quant_backend)
-    world.broadcast(list(adapter_tensors(prepared.model, "default").values()))
+    if adapter is None:
+        prepared.model.requires_grad_(True)  # every weight trains; all processes loaded the same ones
+    else:
+        _adapt(prepared, adapter, opts, world)
     torch.manual_seed(opts.seed + world.rank)  # random ops in training (dropout) differ per process
     if world.main:
         start_run(output, settings, fresh=checkpoint is None)
     world.barrier()
-    method_hooks = METHODS.get(adapter.method)[0].training_hooks(adapter, "default", config.steps)
+    method_hooks = [] if adapter is None else METHODS.get(adapter.method)[0].training_hooks(adapter, "default",
+                                                                                              config.steps)
     trainer = Trainer(prepared.model, prepared.task, prepared.train, config, output, world, callbacks,
                       [*method_hooks, *option_hooks(opts), *hooks])
     if checkpoint is not None:
@@ -261,7 +264,7 @@ def _finetune(opts: Options, world: World, started: float, callbacks: Sequence[C
     log.write({"kind": "eval", "when": "after", **after})
     seconds = time.perf_counter() - started
     if world.main:
-        saved = save_trained(prepared.model, output)
+        saved = save_result(prepared.model, output, prepared.task.tokenizer)
         plotted = plot_loss(log.read(), output / "loss.png")
         lines = report_lines(before, after, prepared) + [
             f"wall time {seconds:.0f} s ({config.steps} steps of {config.global_batch} examples, "
@@ -269,6 +272,26 @@ def _finetune(opts: Options, world: World, started: float, callbacks: Sequence[C
             f"{saved} saved to {output}" + ("" if plotted else " (loss plot skipped: pip install matplotlib)")]
         print("\n".join(lines))
     return {"before": before, "after": after, "output": output, "seconds": seconds}
+
+
+def _adapt(prepared: Prepared, adapter: Any, opts: Options, world: World) -> None:
+    """Add adapter ``default`` (float32), run a data-driven initialiser, quantise the base if asked to after that."""
+    adapt(prepared.model, adapter, "default", dtype=torch.float32)
+    if needs_data(prepared.model):
+        initialize_from_task(prepared.model, prepared.task, prepared.train, opts.batch_size, opts.init_batches,
+                             opts.seed)
+    if opts.quant is not None and not quantize_first(opts):
+        quantize(prepared.model, opts.quant, opts.quant_backend)
+    world.broadcast(list(adapter_tensors(prepared.model, "default").values()))
+
+
+def _check_full(opts: Options) -> None:
+    """Options that only make sense for an adapter are refused with ``--method full``."""
+    given = [name for name, value in (("--init", opts.init), ("--quant", opts.quant),
+                                      ("--method-option", opts.method_options or None)) if value is not None]
+    if given:
+        raise DataError(f"--method full trains every weight of the model, so {', '.join(given)} cannot apply "
+                        f"(they configure an adapter or a frozen quantised base)")
 
 
 def _logged_before(output: Path) -> dict[str, Any] | None:

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 from transformers import get_linear_schedule_with_warmup
 
-from ..inject import trainable_parameters
 from ..optim import build_optimizer
 from .errors import TrainingError
 from .hooks import HookList, TrainingHook, optimized_parameters
@@ -42,12 +41,14 @@ class TrainConfig:
 
 
 class AdapterSteps:
-    """Optimizes adapter ``adapter`` of ``model`` with ``config``'s optimizer and linear warmup/decay schedule."""
+    """Optimizes ``named_params`` of ``model`` (an adapter's tensors, or every weight) with ``config``'s optimizer
+    and linear warmup/decay schedule."""
 
-    def __init__(self, model: nn.Module, adapter: str, config: TrainConfig, hooks: Sequence[TrainingHook] = ()) -> None:
+    def __init__(self, model: nn.Module, named_params: Mapping[str, nn.Parameter], config: TrainConfig,
+                 hooks: Sequence[TrainingHook] = ()) -> None:
         self.model, self.config = model, config
         self.hooks = HookList(hooks)
-        self.optimizer = build_optimizer(config.optimizer, trainable_parameters(model, adapter), lr=config.lr,
+        self.optimizer = build_optimizer(config.optimizer, named_params, lr=config.lr,
                                          weight_decay=config.weight_decay, **config.optimizer_options)
         self.scheduler = get_linear_schedule_with_warmup(
             self.optimizer, math.ceil(config.warmup * config.steps), config.steps)
