@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 from torch import nn
+from zoo import tiny_llama
 
 import lorakit
 from lorakit.init.eva import allocate
@@ -94,7 +95,7 @@ def test_lora_ga_gradients_are_gathered_a_group_of_layers_at_a_time():
 
 
 def test_lora_ga_on_a_transformers_model_uses_the_output_loss_and_keeps_outputs(tmp_path):
-    from zoo import tiny_llama
+
 
     ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
     model = tiny_llama()
@@ -198,3 +199,17 @@ def test_lora_sb_starts_at_the_best_rank_r_first_update_and_trains_the_projected
         g = host.base_layer.weight.grad
         torch.testing.assert_close(ad.lora_R.grad, ad.scale * ad.lora_B.t() @ g @ ad.lora_A.t())
     assert [p.numel() for p in lorakit.trainable_parameters(model).values()] == [4, 4]
+
+
+def test_eva_reads_all_layers_in_one_pass_per_batch_and_siblings_share_their_inputs():
+    model = tiny_llama()  # 14 linear layers: more than layers_per_pass
+    calls = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(1), with_kwargs=True)
+    ids = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(1))
+    lorakit.adapt(model, lorakit.LoraConfig(r=2, init="eva"))
+    lorakit.initialize(model, [{"input_ids": ids}, {"input_ids": ids.flip(0)}], layers_per_pass=4)
+    assert len(calls) == 2  # one forward per batch, not one per group of layers
+    q, k = (model.get_submodule(f"model.layers.0.self_attn.{n}").adapters["default"].a for n in ("q_proj", "k_proj"))
+    n = min(q.shape[0], k.shape[0])  # same inputs: the same top right singular vectors (up to sign)
+    assert n > 0
+    torch.testing.assert_close((q[:n] * k[:n]).sum(1).abs(), torch.ones(n), atol=1e-4, rtol=1e-4)

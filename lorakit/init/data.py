@@ -65,8 +65,9 @@ def initialize(model: nn.Module, data: Iterable[Any], adapter: str = "default", 
     require(len(stored) > 0, "data", data, "yielded no batches")
     infos = {h.path: _info(h, adapter) for h in layers}
     summaries: dict[str, Any] = {}
-    for start in range(0, len(layers), layers_per_pass):
-        group = layers[start : start + layers_per_pass]
+    per_pass = layers_per_pass if spec.statistic == "gradient" else len(layers)  # Gram matrices are small: one pass
+    for start in range(0, len(layers), per_pass):
+        group = layers[start : start + per_pass]
         collect = _gradients if spec.statistic == "gradient" else _input_grams
         for path, stat in collect(model, group, stored, forward).items():
             summaries[path] = spec.fn(stat, infos[path], **options)
@@ -125,13 +126,22 @@ def _gradients(model: nn.Module, group: list[HostLayer], batches: list[Any], run
 
 def _input_grams(model: nn.Module, group: list[HostLayer], batches: list[Any],
                  run: Callable[[nn.Module, Any], Any]) -> dict[str, Tensor]:
-    """``X^T X`` of each layer's inputs over every token of every batch (``(d_in, d_in)``, >= float32)."""
+    """``X^T X`` of each layer's inputs over every token of every batch (``(d_in, d_in)``, >= float32).
+
+    Layers fed the same tensor (q/k/v, gate/up) share one product per batch: ``seen`` keeps each input alive for
+    the batch's forward pass, so a tensor's storage cannot be reused by another input of the same shape.
+    """
     grams: dict[str, Tensor] = {}
+    seen: dict[tuple[Any, ...], tuple[Tensor, Tensor]] = {}  # (data_ptr, shape, strides, dtype) -> (input, gram)
 
     def hook(host: HostLayer) -> Callable[..., None]:
         def record(module: nn.Module, args: tuple[Any, ...]) -> None:
-            x = precise(args[0].detach().reshape(-1, host.geometry.d_in))  # (tokens, d_in)
-            gram = x.t() @ x  # (d_in, d_in)
+            x = args[0].detach()
+            key = (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype)  # views of one storage differ in strides
+            if key not in seen:
+                flat = precise(x.reshape(-1, host.geometry.d_in))  # (tokens, d_in)
+                seen[key] = (x, flat.t() @ flat)  # (d_in, d_in)
+            gram = seen[key][1]
             grams[host.path] = grams[host.path] + gram if host.path in grams else gram
 
         return record
@@ -141,6 +151,7 @@ def _input_grams(model: nn.Module, group: list[HostLayer], batches: list[Any],
         with disable(model), torch.no_grad():
             for batch in batches:
                 run(model, batch)
+                seen.clear()
     finally:
         for handle in handles:
             handle.remove()
