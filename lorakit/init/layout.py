@@ -71,3 +71,20 @@ class BaseRewrite:
             replace_base(geometry, base, self.replacement)
         else:
             subtract_from_base(geometry, base, precise(self.up) @ precise(self.down))
+
+
+class RewritesBase:
+    """Mixin for adapters whose initialiser rewrites the base (PiSSA's residual, LoftQ's quantised weight): the
+    rewrite waits in ``_rewrite`` until the host layer attaches the adapter (see ``HostLayer.attach``)."""
+
+    _rewrite: BaseRewrite | None = None
+
+    def attach(self, base: DenseBackend) -> None:
+        if self._rewrite is not None:
+            self._rewrite.apply(self.geometry, base)  # type: ignore[attr-defined]
+            self._rewrite = None
+
+    @property
+    def rewrites_base(self) -> bool:
+        return self._rewrite is not None
+

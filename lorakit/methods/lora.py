@@ -20,7 +20,7 @@ from ..config import AdapterConfig, pattern_value
 from ..errors import require
 from ..hosts.backend import DenseBackend
 from ..hosts.geometry import Geometry, LinearGeometry
-from ..init.layout import BaseRewrite, base_matrix, factor_dtype
+from ..init.layout import BaseRewrite, RewritesBase, base_matrix, factor_dtype
 from ..init.registry import INITS, Factors, check_init, options_of
 from ..kernels.lora_linear import lora_linear
 from .base import Adapter, Capabilities, register_method
@@ -94,7 +94,7 @@ class _Factor(nn.Module):
 
 
 @register_method("lora", LoraConfig)
-class Lora(Adapter):
+class Lora(RewritesBase, Adapter):
     """``delta(x) = s * B A dropout(x)``; never forms ``B A`` in the forward pass."""
 
     capabilities = Capabilities(factorable=True)
@@ -190,14 +190,6 @@ class Lora(Adapter):
         rewrote = hasattr(self, "init_lora_A")
         return not (rewrote and self.config.init in INITS and INITS.get(self.config.init).needs_data)
 
-    def attach(self, base: DenseBackend) -> None:
-        if self._rewrite is not None:
-            self._rewrite.apply(self.geometry, base)
-            self._rewrite = None
-
-    @property
-    def rewrites_base(self) -> bool:
-        return self._rewrite is not None
 
     def live(self) -> tuple[Tensor, Tensor, float]:
         """``(A, B, s)`` as the forward pass and merging use them (DyLoRA overrides this to truncate the rank)."""

@@ -23,7 +23,7 @@ from ..config import AdapterConfig
 from ..errors import require
 from ..hosts.backend import DenseBackend
 from ..hosts.geometry import Geometry
-from ..init.layout import BaseRewrite, base_matrix, factor_dtype
+from ..init.layout import BaseRewrite, RewritesBase, base_matrix, factor_dtype
 from ..init.linalg import top_svd
 from ..init.registry import INITS, Factors, check_init, options_of
 from .base import Adapter, Capabilities, register_method
@@ -68,7 +68,7 @@ class SloraConfig(LoraXsConfig):
 
 
 @register_method("lora-xs", LoraXsConfig)
-class LoraXs(Adapter):
+class LoraXs(RewritesBase, Adapter):
     """``delta(x) = s * B M A x``, applied as three small products (never forming ``B M A``)."""
 
     capabilities = Capabilities(factorable=True)
@@ -125,14 +125,6 @@ class LoraXs(Adapter):
         elif factors.base is not None:
             self._rewrite = BaseRewrite(replacement=factors.base)
 
-    def attach(self, base: DenseBackend) -> None:
-        if self._rewrite is not None:
-            self._rewrite.apply(self.geometry, base)
-            self._rewrite = None
-
-    @property
-    def rewrites_base(self) -> bool:
-        return self._rewrite is not None
 
     def _b_eff(self) -> Tensor:  # (d_out, r[, 1...]): s * B M
         b = self.lora_B.reshape(self.lora_B.shape[0], self.r)
