@@ -59,6 +59,12 @@ def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def config_of(model: nn.Module, name: str) -> AdapterConfig:
+    """The config of adapter ``name``; a clear error listing the model's adapters when there is none."""
+    _check_names(model, [name])
+    return configs(model)[name]
+
+
 def _check_names(model: nn.Module, names: Sequence[str]) -> None:
     known = configs(model)
     for name in names:

@@ -21,10 +21,10 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
-from ..errors import LorakitError, require
+from ..errors import require
 from ..hosts.geometry import is_transposed
 from ..hosts.host import HostLayer
-from ..inject import active_adapters, adapt, configs, delete_adapter, disable, hosts, set_active
+from ..inject import active_adapters, adapt, config_of, configs, delete_adapter, disable, hosts, set_active
 from .layout import factor_dtype, precise
 from .registry import INITS, Factors, LayerInfo, options_of
 
@@ -44,10 +44,7 @@ def initialize(model: nn.Module, data: Iterable[Any], adapter: str = "default", 
             (for losses that need their own forward, e.g. a task's); its value is unused for input statistics.
         layers_per_pass: layers whose statistics are gathered in one pass over the batches (memory vs passes).
     """
-    known = configs(model)
-    if adapter not in known:
-        raise LorakitError(f"unknown adapter {adapter!r}; this model has: {sorted(known) or 'none'}")
-    config = known[adapter]
+    config = config_of(model, adapter)
     init = getattr(config, "init", None)
     require(init in INITS and INITS.get(init).needs_data, "init", init,
             f"adapter {adapter!r} must use a data-driven initialiser "

@@ -24,7 +24,7 @@ from torch import nn
 from ..config import AdapterConfig
 from ..errors import AdapterFileError, LorakitError
 from ..hosts.geometry import is_supported, is_transposed
-from ..inject import SHARED, adapt, configs, delete_adapter, hosts, shared_states
+from ..inject import SHARED, adapt, config_of, configs, delete_adapter, hosts, shared_states
 from ..methods.base import METHODS
 from ..targeting import candidate_modules
 from . import peft_lokr, peft_lora, peft_miss, peft_randlora
@@ -82,10 +82,7 @@ def reproducible_from_file(model: nn.Module, name: str = "default") -> bool:
 
 def save_adapter(model: nn.Module, directory: str | Path, name: str = "default") -> Path:
     """Write adapter ``name`` of ``model`` to ``directory`` in PEFT's format (atomic writes)."""
-    known = configs(model)
-    if name not in known:
-        raise LorakitError(f"unknown adapter {name!r}; this model has: {sorted(known) or 'none'}")
-    config = known[name]
+    config = config_of(model, name)
     layers = [h for h in hosts(model) if name in h.adapters]
     if not reproducible_from_file(model, name):
         raise LorakitError(

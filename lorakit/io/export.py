@@ -25,19 +25,16 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..errors import LorakitError, require
+from ..errors import require
 from ..hosts.host import HostLayer
-from ..inject import adapt, configs, delete_adapter, hosts
+from ..inject import adapt, config_of, configs, delete_adapter, hosts
 from ..methods.lora import Lora, LoraConfig
 from .adapter_files import save_adapter
 
 
 def export_lora(model: nn.Module, directory: str | Path, name: str = "default") -> Path:
     """Write adapter ``name`` as a plain LoRA/DoRA (rank ``2r``) relative to the unmodified base weights."""
-    known = configs(model)
-    if name not in known:
-        raise LorakitError(f"unknown adapter {name!r}; this model has: {sorted(known) or 'none'}")
-    config = known[name]
+    config = config_of(model, name)
     layers = [h for h in hosts(model) if name in h.adapters]
     rewrote = any(hasattr(h.adapters[name], "init_lora_A") or getattr(h.adapters[name], "base_replaced", False)
                   for h in layers)  # the base differs from the stock one: the LoRA path below handles or refuses it
