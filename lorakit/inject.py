@@ -28,6 +28,7 @@ def configs(model: nn.Module) -> dict[str, AdapterConfig]:
 
 
 SHARED = "lorakit_shared"
+POOL = "_lorakit_pool"  # key, in ``model.__dict__``, of the model's AdapterPool (see lorakit.routing.pool)
 
 
 def shared_states(model: nn.Module) -> dict[str, SharedState]:
@@ -63,6 +64,21 @@ def config_of(model: nn.Module, name: str) -> AdapterConfig:
     """The config of adapter ``name``; a clear error listing the model's adapters when there is none."""
     _check_names(model, [name])
     return configs(model)[name]
+
+
+def _check_routable(model: nn.Module, names: Sequence[str]) -> None:
+    """Each name is an attached adapter or one resident in the slots of the model's AdapterPool."""
+    pool = model.__dict__.get(POOL)
+    if pool is None:
+        return _check_names(model, names)
+    known, in_slots = configs(model), pool.in_slots()
+    for name in names:
+        if name in known or name in in_slots:
+            continue
+        if name in pool.names():
+            raise LorakitError(f"adapter {name!r} is registered in the AdapterPool but not resident; "
+                               "pool.acquire([name]) it before routing rows to it")
+        raise LorakitError(f"unknown adapter {name!r}; this model has: {sorted(set(known) | in_slots) or 'none'}")
 
 
 def _check_names(model: nn.Module, names: Sequence[str]) -> None:
@@ -194,7 +210,7 @@ def route(model: nn.Module, names: Sequence[str | None]) -> Iterator[RowRouting]
 
     Works in training too: each adapter receives gradients from its own rows only.
     """
-    _check_names(model, [n for n in names if n is not None])
+    _check_routable(model, [n for n in names if n is not None])
     routing = RowRouting(names)
     layers = list(hosts(model))
     previous = [h.routing for h in layers]
@@ -223,6 +239,9 @@ def unmerge(model: nn.Module) -> None:
 
 def unload(model: nn.Module, *, merge_active: bool = False) -> nn.Module:
     """Remove every host layer, putting the original modules back (after merging the active adapters if asked)."""
+    pool = model.__dict__.get(POOL)
+    if pool is not None and pool.names():
+        raise LorakitError(f"the model's AdapterPool holds adapters {pool.names()}; unregister them before unload")
     if merge_active:
         merge(model)
     for host in list(hosts(model)):
@@ -240,7 +259,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     for host in list(hosts(model)):
         if name in host.adapters:
             host.remove(name)
-            if not host.adapters:
+            if not host.adapters and host.stack is None:  # an AdapterPool's slots keep their layer
                 _replace(model, host.path, host.base_layer)
     _drop_shared(model, name)
     del configs(model)[name]

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from zoo import perturb, tiny_llama
 
 import lorakit
+import lorakit.routing.pool as pool_module
 from lorakit.io.adapter_files import CONFIG_FILE, WEIGHTS_FILE
 
 peft = pytest.importorskip("peft")  # a dev dependency: always installed by `make test`
@@ -50,8 +51,8 @@ def test_register_reads_files_and_reports_info(three):
     for name, path in three.items():
         pool.register(name, path)
     assert pool.names() == ["a", "b", "c"]
-    assert pool.resident() == ["a", "b"]  # validated by attaching; stays while a slot is free
-    assert sorted(lorakit.configs(model)) == ["a", "b"]
+    assert pool.resident() == ["a", "b"]  # validated by attaching once; takes a slot while one is free
+    assert pool.in_slots() == {"a", "b"} and not lorakit.configs(model)  # in slots, not attached as modules
     info = pool.info("c")
     file_bytes = sum(t.numel() * t.element_size() for t in load_file(three["c"] / WEIGHTS_FILE).values())
     assert (info["method"], info["rank"], info["bytes"], info["resident"]) == ("lora", 8, file_bytes, False)
@@ -64,7 +65,7 @@ def test_lru_eviction_order(three):
     for name, path in three.items():
         pool.register(name, path)
     pool.acquire(["c"])  # evicts a, the least recently used
-    assert pool.resident() == ["b", "c"] and "a" not in lorakit.configs(model)
+    assert pool.resident() == ["b", "c"] and pool.in_slots() == {"b", "c"}
     pool.release(["c"])
     pool.acquire(["b"])  # touch b: c becomes the least recently used
     pool.release(["b"])
@@ -125,6 +126,48 @@ def test_resident_adapters_route_a_mixed_batch(three):
         mixed = model(IDS).logits
     for i, name in enumerate(names):
         torch.testing.assert_close(mixed[i : i + 1], row_alone(reference, IDS[i : i + 1], name))
+
+
+def test_swapping_a_factorable_adapter_in_builds_no_module(three, monkeypatch):
+    """After registration an adapter's factors live in host memory: acquiring it copies them into slots, without
+    attaching modules to the model (S-LoRA's swap is a copy), and its rows still match it run alone."""
+    model, reference = tiny_llama(), tiny_llama()
+    pool = lorakit.AdapterPool(model, capacity=1)
+    for name, path in three.items():
+        pool.register(name, path)
+        lorakit.load_adapter(reference, path, name)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a swap must not attach the adapter")
+
+    monkeypatch.setattr(pool_module, "attach_adapter", refuse)
+    for name in ("c", "a", "b", "c"):
+        pool.acquire([name])
+        assert pool.resident() == [name] and not lorakit.configs(model)
+        with torch.no_grad(), lorakit.route(model, [name, None]):
+            out = model(IDS[:2]).logits
+        torch.testing.assert_close(out[:1], row_alone(reference, IDS[:1], name), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out[1:], row_alone(reference, IDS[1:2], None), atol=1e-5, rtol=1e-5)
+        pool.release([name])
+
+
+def test_routing_to_a_non_resident_or_unknown_adapter_is_refused(three):
+    model = tiny_llama()
+    pool = lorakit.AdapterPool(model, capacity=1)
+    for name, path in three.items():
+        pool.register(name, path)
+    with pytest.raises(lorakit.LorakitError, match="'b' is registered in the AdapterPool but not resident"):
+        with lorakit.route(model, ["a", "b"]):
+            pass
+    with pytest.raises(lorakit.LorakitError, match="unknown adapter 'zz'; this model has: \\['a'\\]"):
+        with lorakit.route(model, ["zz"]):
+            pass
+    with pytest.raises(lorakit.LorakitError, match="AdapterPool holds adapters"):
+        lorakit.unload(model)
+    for name in three:
+        pool.unregister(name)
+    lorakit.unload(model)
+    assert not list(lorakit.inject.hosts(model))
 
 
 def test_register_and_acquire_leave_the_global_rng_alone(three):

@@ -36,89 +36,86 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, to
 
 @pytest.fixture
 def calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Input shapes of the layers that took the stacked path during the test."""
+    """Input shapes of the layers that took the stacked path's grid (rather than per-slot products)."""
     seen: list[str] = []
-    apply = stacked.SlotStack.apply
+    apply_grid = stacked.SlotStack.apply_grid
 
     def spy(self, x, base_out, routing):
         seen.append(x.shape)
-        return apply(self, x, base_out, routing)
+        return apply_grid(self, x, base_out, routing)
 
-    monkeypatch.setattr(stacked.SlotStack, "apply", spy)
+    monkeypatch.setattr(stacked.SlotStack, "apply_grid", spy)
     return seen
 
 
-@pytest.mark.parametrize("limit", [0, float("inf")], ids=["segment", "stacked"])
-@pytest.mark.parametrize("tokens", [1, 7], ids=["decode", "prefill"])
-def test_mixed_batch_equals_each_row_alone(setup, calls, monkeypatch, limit, tokens):
-    model, reference, _ = setup
-    monkeypatch.setattr(stacked, "MAX_TOKENS_PER_ADAPTER", limit)
-    monkeypatch.setattr(stacked, "MAX_PADDING", limit)
-    names = ["bone", "r8", None, "xs", "r2", "r8"]
-    ids = IDS[:, :tokens]
+def expect_rows_alone(model: torch.nn.Module, reference: torch.nn.Module, names: list[str | None],
+                      ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad(), lorakit.route(model, names):
         mixed = model(ids).logits
     for i, name in enumerate(names):
         torch.testing.assert_close(mixed[i : i + 1], row_alone(reference, ids[i : i + 1], name),
                                    atol=1e-5, rtol=1e-5)
-    assert bool(calls) == bool(limit)  # the forced path was the one taken
+    return mixed
 
 
-def test_layers_with_unpacked_adapters_use_the_segment_path(setup, calls, monkeypatch):
-    """DoRA (not factorable) and LoRA with a bias are not packed: their layers fall back; other layers stack."""
+@pytest.mark.parametrize("limit", [0, float("inf")], ids=["segments", "grid"])
+@pytest.mark.parametrize("tokens", [1, 7], ids=["decode", "prefill"])
+def test_mixed_batch_equals_each_row_alone(setup, calls, monkeypatch, limit, tokens):
+    model, reference, _ = setup
+    monkeypatch.setattr(stacked, "MAX_TOKENS_PER_ADAPTER", limit)
+    monkeypatch.setattr(stacked, "MAX_PADDING", limit)
+    expect_rows_alone(model, reference, ["bone", "r8", None, "xs", "r2", "r8"], IDS[:, :tokens])
+    assert bool(calls) == bool(limit)  # the forced kernel was the one taken
+
+
+def test_unfactorable_adapters_are_attached_and_mix_with_slot_adapters(setup, calls, monkeypatch):
+    """DoRA (not factorable) and LoRA with a bias are resident as attached modules (segment path), the others only
+    in slots; one batch mixes both kinds, on the same layers."""
+    model, reference, pool = setup
+    monkeypatch.setattr(stacked, "MAX_TOKENS_PER_ADAPTER", float("inf"))
+    monkeypatch.setattr(stacked, "MAX_PADDING", float("inf"))
+    assert sorted(lorakit.configs(model)) == ["bias", "dora"]
+    assert pool.in_slots() == {"r2", "r8", "xs", "bone"}
+    expect_rows_alone(model, reference, ["dora", "bias", "r2", "r8"], IDS[:4])
+    assert len(calls) == sum(1 for h in lorakit.inject.hosts(model) if "r2" in h.stack.members)
+
+
+def test_slot_adapters_pass_gradients_to_the_inputs(setup, monkeypatch):
+    """Pool adapters are frozen, but the stacked path is differentiable in its input (e.g. for input saliency):
+    the gradient of the mixed batch's loss w.r.t. the embeddings equals each row's alone, in train mode too."""
     model, reference, _ = setup
     monkeypatch.setattr(stacked, "MAX_TOKENS_PER_ADAPTER", float("inf"))
     monkeypatch.setattr(stacked, "MAX_PADDING", float("inf"))
-    names = ["dora", "bias", "r2", "r8"]
-    with torch.no_grad(), lorakit.route(model, names):
-        mixed = model(IDS[:4]).logits
-    for i, name in enumerate(names):
-        torch.testing.assert_close(mixed[i : i + 1], row_alone(reference, IDS[i : i + 1], name),
-                                   atol=1e-5, rtol=1e-5)
-    fallback = [h.path for h in lorakit.inject.hosts(model) if {"dora", "bias"} & set(h.adapters) - h.stack.members]
-    assert fallback == [f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "v_proj")]
-    n_linear = sum(1 for h in lorakit.inject.hosts(model) if "r2" in h.adapters)
-    assert len(calls) == n_linear - len(fallback)
-
-
-def test_training_and_grad_mode_use_the_segment_path(setup, calls, monkeypatch):
-    model, _, _ = setup
-    monkeypatch.setattr(stacked, "MAX_TOKENS_PER_ADAPTER", float("inf"))
-    monkeypatch.setattr(stacked, "MAX_PADDING", float("inf"))
-    with lorakit.route(model, ["r2", "r8"]):
-        model(IDS[:2, :1]).logits.sum().backward()  # gradients on: segment path, gradients reach the adapters
-    assert not calls
-    grads = lorakit.trainable_parameters(model, "r2")
-    assert all(p.grad is not None for p in grads.values())
-    model.zero_grad(set_to_none=True)
+    names = ["r2", "r8", None]
+    embeds = model.get_input_embeddings()(IDS[:3, :2]).detach().requires_grad_(True)
     model.train()
     try:
-        with torch.no_grad(), lorakit.route(model, ["r2", "r8"]):
-            model(IDS[:2, :1])
+        with lorakit.route(model, names):
+            model(inputs_embeds=embeds).logits.square().sum().backward()
     finally:
         model.eval()
-    assert not calls
+    for i, name in enumerate(names):
+        alone = embeds[i : i + 1].detach().requires_grad_(True)
+        if name is None:
+            with lorakit.disable(reference):
+                reference(inputs_embeds=alone).logits.square().sum().backward()
+        else:
+            lorakit.set_active(reference, name)
+            reference(inputs_embeds=alone).logits.square().sum().backward()
+        torch.testing.assert_close(embeds.grad[i : i + 1], alone.grad, atol=1e-4, rtol=1e-4)
 
 
-def test_one_adapter_for_every_row_is_the_single_adapter_path(setup, calls):
-    """All rows on one adapter: same outputs and gradients as activating it (the fused path, no stacking)."""
-    model, _, _ = setup
-    with lorakit.route(model, ["r8"] * 3):
+def test_one_slot_adapter_for_every_row_equals_activating_it(setup, calls):
+    model, reference, _ = setup
+    with torch.no_grad(), lorakit.route(model, ["r8"] * 3):
         routed = model(IDS[:3]).logits
-    routed.sum().backward()
-    grads = {k: p.grad.clone() for k, p in lorakit.trainable_parameters(model, "r8").items()}
-    model.zero_grad(set_to_none=True)
-    lorakit.set_active(model, "r8")
-    alone = model(IDS[:3]).logits
-    alone.sum().backward()
-    torch.testing.assert_close(routed, alone)
-    for key, p in lorakit.trainable_parameters(model, "r8").items():
-        torch.testing.assert_close(grads[key], p.grad)
-    model.zero_grad(set_to_none=True)
-    assert not calls
+    lorakit.set_active(reference, "r8")
+    with torch.no_grad():
+        torch.testing.assert_close(routed, reference(IDS[:3]).logits, atol=1e-5, rtol=1e-5)
+    assert calls  # 3 rows x 7 tokens <= MAX_TOKENS_PER_ADAPTER: one slot's grid
 
 
-def test_path_choice_follows_group_sizes_and_padding(monkeypatch):
+def test_kernel_choice_follows_group_sizes_and_padding(monkeypatch):
     monkeypatch.setattr(stacked, "MAX_TOKENS_PER_ADAPTER", 4)
     monkeypatch.setattr(stacked, "MAX_PADDING", 2.0)
     table = stacked.SlotTable(capacity=3)
@@ -126,12 +123,20 @@ def test_path_choice_follows_group_sizes_and_padding(monkeypatch):
     for name in ("a", "b", "c"):
         table.assign(name)
         stack.put(name, torch.ones(2, 1), torch.ones(1, 3))
-    two = RowRouting(["a", "b"])
-    assert stack.takes(torch.zeros(2, 4, 3), two, "ab")  # 4 tokens per adapter
-    assert not stack.takes(torch.zeros(2, 5, 3), two, "ab")  # 5
-    assert stack.takes(torch.zeros(3, 1, 3), RowRouting(["a", "a", "b"]), "ab")  # grid 2 x 2 = 4 cells, 3 rows
-    assert not stack.takes(torch.zeros(4, 1, 3), RowRouting(["a", "a", "a", "c"]), "ac")  # 3 x 3 cells, 4 rows
-    assert not stack.takes(torch.zeros(2, 1, 3), RowRouting(["a", "d"]), "ad")  # a routed adapter is not packed
+    taken: list[str] = []
+    for kernel in ("apply_grid", "apply_segments"):
+        monkeypatch.setattr(stack, kernel, lambda x, base, routing, kernel=kernel: taken.append(kernel) or base)
+
+    def kernel(x: torch.Tensor, names: list[str | None]) -> str:
+        taken.clear()
+        stack.apply(x, torch.zeros(*x.shape[:-1], 2), RowRouting(names))
+        return taken[0] if taken else "none"
+
+    assert kernel(torch.zeros(2, 4, 3), ["a", "b"]) == "apply_grid"  # 4 tokens per adapter
+    assert kernel(torch.zeros(2, 5, 3), ["a", "b"]) == "apply_segments"  # 5
+    assert kernel(torch.zeros(3, 1, 3), ["a", "a", "b"]) == "apply_grid"  # grid 2 x 2 = 4 cells, 3 rows
+    assert kernel(torch.zeros(4, 1, 3), ["a", "a", "a", "c"]) == "apply_segments"  # 3 x 3 cells, 4 rows
+    assert kernel(torch.zeros(2, 1, 3), ["d", None]) == "none"  # no row on a slot adapter: the base output
 
 
 def test_slot_reuse_after_eviction_clears_the_padded_rank(tmp_path: Path):
@@ -143,7 +148,7 @@ def test_slot_reuse_after_eviction_clears_the_padded_rank(tmp_path: Path):
     for name in ("keep", "big", "small"):  # small: validated, not resident (capacity 2)
         pool.register(name, paths[name])
         lorakit.load_adapter(reference, paths[name], name)
-    pool.pin("keep")  # keeps the host layers (and their stacks) alive across the eviction
+    pool.pin("keep")
     stack = model.model.layers[0].self_attn.q_proj.stack
     big_slot = stack.table.slots["big"]
     pool.acquire(["small"])  # evicts big, reuses its slot

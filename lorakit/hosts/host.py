@@ -183,28 +183,24 @@ class HostLayer(nn.Module):
         return out
 
     def _forward_rows(self, x: Tensor, routing: RowRouting) -> Tensor:
-        """An adapter per row. Stacked path (inference, few tokens per adapter, every routed adapter packed in
-        ``self.stack``): one gathered batched product; else the segment path: one adapter call per group of rows,
-        all added back with one ``index_add``."""
+        """An adapter per row. Rows routed to an adapter pool's slots go through ``self.stack`` (the stacked path);
+        rows of attached adapters take the segment path: one adapter call per group of rows, all added back with
+        one ``index_add``; rows of no adapter (or of one that does not target this layer) keep the base output."""
         routing.check_rows(x.shape[0], self.path)
         if self.merged:
             raise LorakitError(f"layer {self.path!r} has merged adapters {self.merged}; unmerge before routing rows")
-        if routing.only is not None:  # one adapter for every row: the single-adapter path (fused where it can be)
-            return self._forward_sum((routing.only,) if routing.only in self.adapters else (), x)
+        only = routing.only
+        if only is not None and (self.stack is None or only not in self.stack.table.slots):
+            return self._forward_sum((only,) if only in self.adapters else (), x)  # fused where it can be
         base_out = self.base_layer(x)
-        inference = not (self.training or torch.is_grad_enabled())
-        if inference and self.stack is not None and self.stack.takes(x, routing, self.adapters):
-            return self.stack.apply(x, base_out, routing)
+        out = base_out if self.stack is None else self.stack.apply(x, base_out, routing)
         pieces, rows = [], []
         for name, idx in routing.groups(x.device):
-            if name not in self.adapters:  # this adapter does not target this layer: base output
-                continue
-            xs = x.index_select(0, idx)
-            pieces.append(self.adapters[name](xs, base_out.index_select(0, idx), self.backend))
-            rows.append(idx)
-        if not pieces:
-            return base_out
-        return base_out.index_add(0, torch.cat(rows), torch.cat(pieces))
+            if name in self.adapters:
+                xs = x.index_select(0, idx)
+                pieces.append(self.adapters[name](xs, base_out.index_select(0, idx), self.backend))
+                rows.append(idx)
+        return out.index_add(0, torch.cat(rows), torch.cat(pieces)) if pieces else out
 
     def extra_repr(self) -> str:
         return f"path={self.path!r}, adapters={list(self.adapters)}, active={list(self.active)}"

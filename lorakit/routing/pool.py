@@ -1,17 +1,22 @@
 """Adapter pool: many adapters in host memory, a bounded number resident on the model (S-LoRA, METHODS.md entry 65).
 
 S-LoRA keeps every adapter in main memory and fetches the ones running requests need to the GPU, evicting others.
-Here an adapter is *registered* (its folder read once into host memory, validated) and *resident* when it is
-attached to the model as a lorakit adapter, so :func:`lorakit.route` can run a batch mixing resident adapters.
-Residency is bounded by ``capacity``; :meth:`AdapterPool.acquire` makes adapters resident, evicting the least
-recently used ones that are neither pinned nor in use. Factorable adapters on linear layers are also packed into
-each layer's :class:`~lorakit.routing.stacked.SlotStack` (the stacked decode path); the slots live on the model's
-device, the registered tensors in host memory.
+Here an adapter is *registered* (its folder read once, validated against the model, kept in host memory) and
+*resident* when :func:`lorakit.route` can run rows on it. Residency is bounded by ``capacity``;
+:meth:`AdapterPool.acquire` makes adapters resident, evicting the least recently used ones that are neither pinned
+nor in use.
+
+Two kinds of residency. A *factorable* adapter (``B_eff A_eff`` on linear layers, no bias: LoRA and most of its
+family) is kept in host memory as its per-layer factors, computed once at registration, and made resident by copying
+them into its slot of each layer's :class:`~lorakit.routing.stacked.SlotStack` (on the model's device): no module is
+built, so a swap costs a copy of the factors. Any other adapter (DoRA, a bias, a convolution) is kept as its file's
+tensors and made resident by attaching it to the model as a lorakit adapter (the segment path).
 
 Assumed where the paper is vague: "in use" is a count (``acquire`` / ``release`` pairs, e.g. one per running
 request), pinning makes an adapter resident and keeps it so, and registering validates the folder against the
-model by attaching it once (it stays resident when a slot is free, costing nothing later). The pool is guarded by a
-lock so a server may call it from several threads; a forward pass must not run while ``acquire`` changes residency.
+model by attaching it once (a factorable adapter is detached again; it takes a free slot when there is one). Pool
+adapters are for inference: frozen, not trainable. The pool is guarded by a lock so a server may call it from
+several threads; a forward pass must not run while ``acquire`` changes residency.
 """
 from __future__ import annotations
 
@@ -26,27 +31,27 @@ from torch import Tensor, nn
 
 from ..config import AdapterConfig
 from ..errors import AdapterFileError, LorakitError
-from ..inject import configs, delete_adapter, hosts
+from ..inject import POOL, configs, delete_adapter, hosts
 from ..io.adapter_files import CONFIG_FILE, attach_adapter, read_adapter
 from ..io.files import read_json
 from .stacked import SlotStack, SlotTable
-
-_POOL = "_lorakit_pool"
 
 
 @dataclass
 class _Entry:
     config: AdapterConfig
-    tensors: dict[str, Tensor]  # lorakit-keyed, host memory
+    tensors: dict[str, Tensor]  # lorakit-keyed, host memory (empty once ``factors`` are set)
     source: Path
     base: str | None
+    factors: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)  # path -> (B_eff, A_eff), host memory
     targets: list[str] = field(default_factory=list)
     pinned: bool = False
     users: int = 0
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+        held = [*self.tensors.values(), *(t for pair in self.factors.values() for t in pair)]
+        return sum(t.numel() * t.element_size() for t in held)
 
 
 class AdapterPool:
@@ -68,7 +73,7 @@ class AdapterPool:
         self._resident: OrderedDict[str, None] = OrderedDict()  # least recently used first
         self._table = SlotTable(capacity)
         self._lock = threading.RLock()
-        if model.__dict__.setdefault(_POOL, self) is not self:
+        if model.__dict__.setdefault(POOL, self) is not self:
             raise LorakitError("this model already has an AdapterPool; use one pool per model")
 
     # -- registration ----------------------------------------------------------------------------------
@@ -90,11 +95,20 @@ class AdapterPool:
             config, tensors = read_adapter(source)
             entry = _Entry(config, tensors, source, self._parent_base(source))
             self._attach_to_model(name, entry)  # validates the tensors against the model
-            entry.targets = [h.path for h in hosts(self.model) if name in h.adapters]
+            layers = [h for h in hosts(self.model) if name in h.adapters]
+            entry.targets = [h.path for h in layers]
+            if all(_stackable(h.adapters[name], h.geometry.kind) for h in layers):
+                for host in layers:
+                    b_eff, a_eff = host.adapters[name].factors()
+                    if host.stack is None or host.stack.table is not self._table:
+                        host.stack = SlotStack(self._table, host.geometry.d_in, host.geometry.d_out, a_eff)
+                    entry.factors[host.path] = (_host_copy(b_eff), _host_copy(a_eff))
+                entry.tensors = {}
+                delete_adapter(self.model, name)  # the layers stay: their slot stacks keep them
             self._entries[name] = entry
             if len(self._resident) < self.capacity:
                 self._place(name)
-            else:
+            elif not entry.factors:
                 delete_adapter(self.model, name)
 
     def unregister(self, name: str) -> None:
@@ -111,6 +125,11 @@ class AdapterPool:
     def names(self) -> list[str]:
         with self._lock:
             return list(self._entries)
+
+    def in_slots(self) -> set[str]:
+        """Resident adapters held in slot stacks (routable without being attached to the model)."""
+        with self._lock:
+            return set(self._table.slots)
 
     def resident(self) -> list[str]:
         """Resident adapters, least recently used first."""
@@ -139,10 +158,7 @@ class AdapterPool:
                 self._entry(name)
             self._make_room(wanted)
             for name in wanted:
-                if name not in self._resident:
-                    self._attach_to_model(name, self._entries[name])
-                    self._place(name)
-                self._resident.move_to_end(name)
+                self._make_resident(name)
                 self._entries[name].users += 1
 
     def release(self, names: Iterable[str]) -> None:
@@ -160,10 +176,7 @@ class AdapterPool:
         with self._lock:
             self._entry(name)
             self._make_room([name])
-            if name not in self._resident:
-                self._attach_to_model(name, self._entries[name])
-                self._place(name)
-            self._resident.move_to_end(name)
+            self._make_resident(name)
             self._entries[name].pinned = True
 
     def unpin(self, name: str) -> None:
@@ -214,28 +227,39 @@ class AdapterPool:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             attach_adapter(self.model, entry.config, entry.tensors, name, entry.source, activate=False)
 
+    def _make_resident(self, name: str) -> None:
+        if name not in self._resident:
+            entry = self._entries[name]
+            if not entry.factors:
+                self._attach_to_model(name, entry)
+            self._place(name)
+        self._resident.move_to_end(name)
+
     def _place(self, name: str) -> None:
-        """Record attached ``name`` as resident and pack its factors into the layers' slots."""
-        self._table.assign(name)
+        """Record ``name`` as resident: attached already, or (factorable) packed into its slot of each layer."""
         self._resident[name] = None
-        for host in hosts(self.model):
-            adapter = host.adapters[name] if name in host.adapters else None
-            if adapter is None or not _stackable(adapter, host.geometry.kind):
-                continue
-            b_eff, a_eff = adapter.factors()
-            if host.stack is None or host.stack.table is not self._table:
-                host.stack = SlotStack(self._table, a_eff.shape[1], b_eff.shape[0], a_eff.detach())
-            host.stack.put(name, b_eff.detach(), a_eff.detach())
+        factors = self._entries[name].factors
+        if factors:
+            self._table.assign(name)
+            for path, (b_eff, a_eff) in factors.items():
+                self.model.get_submodule(path).stack.put(name, b_eff, a_eff)
 
     def _detach(self, name: str) -> None:
-        for host in hosts(self.model):
-            if host.stack is not None and host.stack.table is self._table:
-                host.stack.drop(name)
-        self._table.free(name)
         del self._resident[name]
-        delete_adapter(self.model, name)
+        factors = self._entries[name].factors
+        if not factors:
+            delete_adapter(self.model, name)
+            return
+        for path in factors:
+            self.model.get_submodule(path).stack.drop(name)
+        self._table.free(name)
 
 
 def _stackable(adapter: nn.Module, kind: str) -> bool:
     """Factorable on a linear layer with nothing beyond ``B_eff A_eff`` (no bias); dropout is off at inference."""
     return kind == "linear" and adapter.capabilities.factorable and adapter.bias_delta() is None
+
+
+def _host_copy(factor: Tensor) -> Tensor:
+    """``factor`` detached into host memory, owning its storage."""
+    return factor.detach().to("cpu", copy=True)

@@ -22,13 +22,12 @@ The factors are stored transposed, ``A^T[n, d_in, r_max]`` and ``B^T[n, r_max, d
 reads fastest (2-4x faster on CPU than transposed views of ``A[n, r_max, d_in]``, ``B[n, d_out, r_max]``). Adapters
 of lower rank are zero-padded to the largest rank in the stack (``r_max`` grows, never shrinks).
 
-The path is inference only (no autograd through the slots); the host layer uses the segment path (:mod:`.rows`)
-when gradients are on, in training mode, when many tokens share an adapter (:data:`MAX_TOKENS_PER_ADAPTER`), or
-when uneven groups would pad the grid too much (:data:`MAX_PADDING`).
+Adapters in slots are the adapter pool's: frozen, never attached to the model as modules, applied only from the
+slots. :meth:`SlotStack.apply` runs the padded grid when few tokens share each slot (decode:
+:data:`MAX_TOKENS_PER_ADAPTER`) and the groups are even enough (:data:`MAX_PADDING`); otherwise (prefill) one pair of
+products per slot's rows, the segment path's shape (:mod:`.rows`) read from the slot tensors.
 """
 from __future__ import annotations
-
-from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -65,11 +64,11 @@ class SlotTable:
         return self.slots.pop(name)
 
     def groups(self, routing: RowRouting, device: torch.device) -> tuple[Tensor, Tensor, int, int, int]:
-        """The batch's rows grouped by slot, cached per batch: ``rows`` (those with an adapter, by slot), ``cells``
+        """The batch's rows grouped by slot, cached per batch: ``rows`` (those routed to a slot, by slot), ``cells``
         (each one's index in the padded ``(hi - lo) * most`` grid), ``lo, hi`` (the slots in use), ``most`` (the
         most rows any slot has)."""
         def make() -> tuple[Tensor, Tensor, int, int, int]:
-            placed = sorted((self.slots[n], row) for row, n in enumerate(routing.names) if n is not None)
+            placed = sorted((self.slots[n], row) for row, n in enumerate(routing.names) if n in self.slots)
             if not placed:
                 return torch.empty(0, dtype=torch.long, device=device), torch.empty(0), 0, 0, 0
             lo, hi = placed[0][0], placed[-1][0] + 1
@@ -127,22 +126,20 @@ class SlotStack:
     def nbytes(self) -> int:
         return self.a_t.numel() * self.a_t.element_size() + self.b_t.numel() * self.b_t.element_size()
 
-    def takes(self, x: Tensor, routing: RowRouting, layer_adapters: Iterable[str]) -> bool:
-        """Whether this batch should take the stacked path: every routed adapter of the layer is packed here, few
-        tokens share each adapter (decode) and the groups are even enough to pad."""
-        present = set(layer_adapters)
-        routed = [n for n in routing.adapters if n in present]
-        if not routed or any(n not in self.members for n in routed):
-            return False
+    def apply(self, x: Tensor, base_out: Tensor, routing: RowRouting) -> Tensor:
+        """``base_out + B[s_i] A[s_i] x_i`` for every row ``i`` routed to a slot (``x``: (B, ..., d_in)); other rows
+        keep ``base_out``. The grid when few tokens share each slot and the groups are even, else per slot."""
+        if not any(n in self.members for n in routing.adapters):
+            return base_out
         rows, _, lo, hi, most = self.table.groups(routing, x.device)
         tokens = x.numel() // (x.shape[0] * x.shape[-1])  # per row
-        return most * tokens <= MAX_TOKENS_PER_ADAPTER and (hi - lo) * most <= MAX_PADDING * len(rows)
+        if most * tokens <= MAX_TOKENS_PER_ADAPTER and (hi - lo) * most <= MAX_PADDING * rows.numel():
+            return self.apply_grid(x, base_out, routing)
+        return self.apply_segments(x, base_out, routing)
 
-    def apply(self, x: Tensor, base_out: Tensor, routing: RowRouting) -> Tensor:
-        """``base_out + B[s_i] A[s_i] x_i`` for every row ``i`` with an adapter (``x``: (B, ..., d_in))."""
+    def apply_grid(self, x: Tensor, base_out: Tensor, routing: RowRouting) -> Tensor:
+        """Rows grouped into the padded ``(slot, row)`` grid, two ``torch.bmm`` over the slots in use."""
         rows, cells, lo, hi, most = self.table.groups(routing, x.device)
-        if not rows.numel():
-            return base_out
         x3 = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, T, d_in)
         tokens, d_in = x3.shape[1:]
         grid = x3.new_zeros((hi - lo) * most, tokens, d_in, dtype=self.a_t.dtype)
@@ -151,3 +148,15 @@ class SlotStack:
         delta = torch.bmm(h, self.b_t[lo:hi]).view((hi - lo) * most, tokens, -1)  # (G most, T, d_out)
         out = base_out.reshape(x3.shape[0], tokens, -1)
         return out.index_add(0, rows, delta.index_select(0, cells).to(base_out.dtype)).reshape(base_out.shape)
+
+    def apply_segments(self, x: Tensor, base_out: Tensor, routing: RowRouting) -> Tensor:
+        """One ``(x A^T) B^T`` per slot present in this layer, over that slot's rows (many tokens per adapter)."""
+        out = base_out
+        for name, idx in routing.groups(x.device):
+            if name not in self.members:  # not in the slots, or an adapter that does not target this layer
+                continue
+            slot = self.table.slots[name]
+            xs = x if idx.numel() == x.shape[0] else x.index_select(0, idx)
+            delta = (xs.to(self.a_t.dtype) @ self.a_t[slot]) @ self.b_t[slot]
+            out = out + delta.to(out.dtype) if xs is x else out.index_add(0, idx, delta.to(out.dtype))
+        return out
