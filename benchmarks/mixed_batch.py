@@ -1,8 +1,9 @@
 """A batch mixing N distinct adapters: lorakit (AdapterPool + route) vs PEFT's ``adapter_names``, x the base step.
 
 Batch 64, row i uses adapter i % N; a decode step (T=1: one token per row, no KV cache) and a prefill (T=32).
-lorakit picks the stacked or segment path by tokens per adapter (``lorakit.routing.stacked``); the ``segment`` and
-``stacked`` columns force one path, to show where the crossover is. ``MB read`` is the weights a step must read at
+The pool's adapters live in per-layer slot stacks; lorakit picks the padded grid (two ``bmm`` over the slots) or one
+product pair per slot by tokens per adapter (``lorakit.routing.stacked``); the ``per-slot`` and ``grid`` columns force
+one kernel, to show where the crossover is. ``MB read`` is the weights a step must read at
 least once: the base model's plus the N distinct adapters' (the memory-bound floor is their ratio to the base).
 
     python benchmarks/mixed_batch.py                      # tiny Llama, fp32, rank-16 LoRA on all linear layers
@@ -72,7 +73,7 @@ def table(make_model: Callable[[], nn.Module], paths: list[Path], args: argparse
     adapter_bytes = [pool.info(f"a{i}")["bytes"] for i in range(len(paths))]
     print(f"threads={torch.get_num_threads()} batch={args.batch} base weights {base_bytes / 2**20:.1f} MB "
           f"reps={args.reps} (median ms; x base)")
-    print(f"{'T':>3}{'N':>4}{'base ms':>9}{'peft':>8}{'lorakit':>9}{'path':>9}{'segment':>9}{'stacked':>9}"
+    print(f"{'T':>3}{'N':>4}{'base ms':>9}{'peft':>8}{'lorakit':>9}{'kernel':>9}{'per-slot':>9}{'grid':>9}"
           f"{'MB read':>9}{'floor':>7}")
     for tokens in args.tokens:
         ids = torch.randint(0, base.config.vocab_size, (args.batch, tokens), generator=torch.Generator().manual_seed(0))
@@ -88,18 +89,17 @@ def table(make_model: Callable[[], nn.Module], paths: list[Path], args: argparse
                 "base": lambda ids=ids: base(ids, use_cache=False),
                 "peft": lambda ids=ids, names=names: theirs(ids, adapter_names=names, use_cache=False),
                 "lorakit": forced(None, ours),
-                "segment": forced(0, ours),
-                "stacked": forced(float("inf"), ours),
+                "per-slot": forced(0, ours),
+                "grid": forced(float("inf"), ours),
             }
             with torch.inference_mode():
                 med = interleaved_medians(steps, args.reps, args.warmup, torch.device("cpu"))
             pool.release(names)
-            path = "single" if n == 1 else "stacked" if args.batch // n * tokens <= stacked.MAX_TOKENS_PER_ADAPTER \
-                else "segment"
+            kernel = "grid" if args.batch // n * tokens <= stacked.MAX_TOKENS_PER_ADAPTER else "per-slot"
             read = base_bytes + sum(adapter_bytes[:n])
             x = {k: v / med["base"] for k, v in med.items()}
-            print(f"{tokens:>3}{n:>4}{med['base'] * 1e3:>9.1f}{x['peft']:>8.2f}{x['lorakit']:>9.2f}{path:>9}"
-                  f"{x['segment']:>9.2f}{x['stacked']:>9.2f}{read / 2**20:>9.1f}{read / base_bytes:>7.2f}")
+            print(f"{tokens:>3}{n:>4}{med['base'] * 1e3:>9.1f}{x['peft']:>8.2f}{x['lorakit']:>9.2f}{kernel:>9}"
+                  f"{x['per-slot']:>9.2f}{x['grid']:>9.2f}{read / 2**20:>9.1f}{read / base_bytes:>7.2f}")
 
 
 def smollm2() -> nn.Module:

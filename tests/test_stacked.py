@@ -161,10 +161,14 @@ def test_slot_reuse_after_eviction_clears_the_padded_rank(tmp_path: Path):
                                    atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("names", [["c", None, "a", "c", "b"], [None, "b", "b", "b", None], [None] * 5])
-def test_bgmv_against_a_row_by_row_reference(names):
-    """``apply`` is ``base + x_i A_i^T B_i^T`` with each row's own slot (uneven groups, a slot in the range with no
-    rows); rows without an adapter keep the base output."""
+@pytest.mark.parametrize("grad", [True, False], ids=["autograd", "inference"])
+@pytest.mark.parametrize("kernel", ["apply_grid", "apply_segments"])
+@pytest.mark.parametrize("names", [["c", None, "a", "c", "b"], [None, "b", "b", "b", None], [None] * 5,
+                                   ["a", "a", "b", "b"], ["c"] * 3])
+def test_bgmv_against_a_row_by_row_reference(names, kernel, grad):
+    """Both kernels are ``base + x_i A_i^T B_i^T`` with each row's own slot (uneven groups, a slot in the range with
+    no rows, rows already in slot order, one slot for the whole batch); rows without an adapter keep the base
+    output. Without autograd the sum is formed in the base output's storage."""
     torch.manual_seed(0)
     table = stacked.SlotTable(capacity=5)
     stack = stacked.SlotStack(table, d_in=5, d_out=6, like=torch.zeros((), dtype=torch.float64))
@@ -173,8 +177,12 @@ def test_bgmv_against_a_row_by_row_reference(names):
         table.assign(name)
         factors[name] = (torch.randn(6, r, dtype=torch.float64), torch.randn(r, 5, dtype=torch.float64))
         stack.put(name, *factors[name])
-    x, base = torch.randn(5, 2, 5, dtype=torch.float64), torch.randn(5, 2, 6, dtype=torch.float64)
-    out = stack.apply(x, base, RowRouting(names))
-    for i, name in enumerate(names):
-        expected = base[i] if name is None else base[i] + x[i] @ factors[name][1].T @ factors[name][0].T
-        torch.testing.assert_close(out[i], expected)
+    x, base = torch.randn(len(names), 2, 5, dtype=torch.float64), torch.randn(len(names), 2, 6, dtype=torch.float64)
+    expected = [base[i].clone() if n is None else base[i] + x[i] @ factors[n][1].T @ factors[n][0].T
+                for i, n in enumerate(names)]
+    with torch.set_grad_enabled(grad):
+        out = getattr(stack, kernel)(x, base, RowRouting(names))
+    for i in range(len(names)):
+        torch.testing.assert_close(out[i], expected[i])
+    if any(names):
+        assert (out.data_ptr() == base.data_ptr()) == (not grad)

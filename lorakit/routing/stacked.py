@@ -29,6 +29,8 @@ products per slot's rows, the segment path's shape (:mod:`.rows`) read from the 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -63,14 +65,12 @@ class SlotTable:
         self.version += 1
         return self.slots.pop(name)
 
-    def groups(self, routing: RowRouting, device: torch.device) -> tuple[Tensor, Tensor, int, int, int]:
-        """The batch's rows grouped by slot, cached per batch: ``rows`` (those routed to a slot, by slot), ``cells``
-        (each one's index in the padded ``(hi - lo) * most`` grid), ``lo, hi`` (the slots in use), ``most`` (the
-        most rows any slot has)."""
-        def make() -> tuple[Tensor, Tensor, int, int, int]:
+    def groups(self, routing: RowRouting, device: torch.device) -> SlotGroups:
+        """The batch's rows grouped by slot (see :class:`SlotGroups`), computed once per batch for every layer."""
+        def make() -> SlotGroups:
             placed = sorted((self.slots[n], row) for row, n in enumerate(routing.names) if n in self.slots)
             if not placed:
-                return torch.empty(0, dtype=torch.long, device=device), torch.empty(0), 0, 0, 0
+                return SlotGroups(torch.empty(0, dtype=torch.long, device=device), None, 0, 0, 0, False)
             lo, hi = placed[0][0], placed[-1][0] + 1
             seen: dict[int, int] = {}
             cells = []
@@ -78,11 +78,31 @@ class SlotTable:
                 cells.append((slot - lo, seen.get(slot, 0)))
                 seen[slot] = seen.get(slot, 0) + 1
             most = max(seen.values())
-            rows = torch.tensor([row for _, row in placed], dtype=torch.long, device=device)
-            index = torch.tensor([g * most + m for g, m in cells], dtype=torch.long, device=device)
-            return rows, index, lo, hi, most
+            order = [row for _, row in placed]
+            rows = torch.tensor(order, dtype=torch.long, device=device)
+            dense = (hi - lo) * most == len(placed)  # no padding: the grid is the rows in slot order
+            index = None if dense else torch.tensor([g * most + m for g, m in cells], dtype=torch.long, device=device)
+            return SlotGroups(rows, index, lo, hi, most, order == list(range(len(routing.names))))
 
         return routing.cached(("groups", id(self), self.version, device), make)
+
+
+@dataclass(frozen=True)
+class SlotGroups:
+    """A batch's rows routed to slots, in slot order.
+
+    ``rows``: their indices in the batch; ``cells``: each one's index in the padded ``(hi - lo) * most`` grid, or
+    ``None`` when the grid has no padding (every slot in ``lo..hi`` has ``most`` rows); ``lo, hi``: the range of slots
+    in use; ``most``: the most rows any slot has; ``in_order``: ``rows`` is the whole batch in its own order (no
+    gather or scatter needed).
+    """
+
+    rows: Tensor
+    cells: Tensor | None
+    lo: int
+    hi: int
+    most: int
+    in_order: bool
 
 
 class SlotStack:
@@ -128,35 +148,60 @@ class SlotStack:
 
     def apply(self, x: Tensor, base_out: Tensor, routing: RowRouting) -> Tensor:
         """``base_out + B[s_i] A[s_i] x_i`` for every row ``i`` routed to a slot (``x``: (B, ..., d_in)); other rows
-        keep ``base_out``. The grid when few tokens share each slot and the groups are even, else per slot."""
+        keep ``base_out``. The grid when few tokens share each slot and the groups are even, else per slot.
+
+        Without autograd (serving) the products are added into ``base_out`` in place (the host layer's fresh output;
+        only the routed rows change), saving a copy of the layer's output per kernel."""
         if not any(n in self.members for n in routing.adapters):
             return base_out
-        rows, _, lo, hi, most = self.table.groups(routing, x.device)
+        g = self.table.groups(routing, x.device)
         tokens = x.numel() // (x.shape[0] * x.shape[-1])  # per row
-        if most * tokens <= MAX_TOKENS_PER_ADAPTER and (hi - lo) * most <= MAX_PADDING * rows.numel():
+        if g.most * tokens <= MAX_TOKENS_PER_ADAPTER and (g.hi - g.lo) * g.most <= MAX_PADDING * g.rows.numel():
             return self.apply_grid(x, base_out, routing)
         return self.apply_segments(x, base_out, routing)
 
     def apply_grid(self, x: Tensor, base_out: Tensor, routing: RowRouting) -> Tensor:
         """Rows grouped into the padded ``(slot, row)`` grid, two ``torch.bmm`` over the slots in use."""
-        rows, cells, lo, hi, most = self.table.groups(routing, x.device)
+        g = self.table.groups(routing, x.device)
+        if not g.rows.numel():
+            return base_out
         x3 = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, T, d_in)
         tokens, d_in = x3.shape[1:]
-        grid = x3.new_zeros((hi - lo) * most, tokens, d_in, dtype=self.a_t.dtype)
-        grid.index_copy_(0, cells, x3.index_select(0, rows).to(self.a_t.dtype))
-        h = torch.bmm(grid.view(hi - lo, most * tokens, d_in), self.a_t[lo:hi])  # (G, most T, r_max)
-        delta = torch.bmm(h, self.b_t[lo:hi]).view((hi - lo) * most, tokens, -1)  # (G most, T, d_out)
+        n_slots = g.hi - g.lo
+        n_cells = n_slots * g.most
+        xs = (x3 if g.in_order else x3.index_select(0, g.rows)).to(self.a_t.dtype)
+        if g.cells is not None:  # pad uneven groups
+            xs = xs.new_zeros(n_cells, tokens, d_in).index_copy_(0, g.cells, xs)
+        h = torch.bmm(xs.reshape(n_slots, g.most * tokens, d_in), self.a_t[g.lo:g.hi])  # (G, most T, r_max)
         out = base_out.reshape(x3.shape[0], tokens, -1)
-        return out.index_add(0, rows, delta.index_select(0, cells).to(base_out.dtype)).reshape(base_out.shape)
+        inplace = not torch.is_grad_enabled()
+        if inplace and g.in_order and g.cells is None and out.dtype == h.dtype:
+            out.view(n_slots, g.most * tokens, -1).baddbmm_(h, self.b_t[g.lo:g.hi])  # no delta tensor at all
+            return base_out
+        delta = torch.bmm(h, self.b_t[g.lo:g.hi]).view(n_cells, tokens, -1).to(out.dtype)  # (G most, T, d_out)
+        if g.cells is not None:
+            delta = delta.index_select(0, g.cells)
+        return _add_rows(out, g.rows, delta, inplace).reshape(base_out.shape)
 
     def apply_segments(self, x: Tensor, base_out: Tensor, routing: RowRouting) -> Tensor:
         """One ``(x A^T) B^T`` per slot present in this layer, over that slot's rows (many tokens per adapter)."""
+        inplace = not torch.is_grad_enabled()
         out = base_out
         for name, idx in routing.groups(x.device):
             if name not in self.members:  # not in the slots, or an adapter that does not target this layer
                 continue
             slot = self.table.slots[name]
-            xs = x if idx.numel() == x.shape[0] else x.index_select(0, idx)
-            delta = (xs.to(self.a_t.dtype) @ self.a_t[slot]) @ self.b_t[slot]
-            out = out + delta.to(out.dtype) if xs is x else out.index_add(0, idx, delta.to(out.dtype))
+            whole = idx.numel() == x.shape[0]
+            xs = x if whole else x.index_select(0, idx)
+            h = xs.to(self.a_t.dtype) @ self.a_t[slot]
+            if inplace and whole and out.dtype == h.dtype:
+                out.view(-1, out.shape[-1]).addmm_(h.view(-1, h.shape[-1]), self.b_t[slot])
+                continue
+            delta = (h @ self.b_t[slot]).to(out.dtype)
+            out = (out.add_(delta) if inplace else out + delta) if whole else _add_rows(out, idx, delta, inplace)
         return out
+
+
+def _add_rows(out: Tensor, rows: Tensor, delta: Tensor, inplace: bool) -> Tensor:
+    """``out[rows] += delta`` (in place when ``inplace``, else a new tensor, for autograd)."""
+    return out.index_add_(0, rows, delta) if inplace else out.index_add(0, rows, delta)
