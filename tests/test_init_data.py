@@ -213,3 +213,74 @@ def test_eva_reads_all_layers_in_one_pass_per_batch_and_siblings_share_their_inp
     n = min(q.shape[0], k.shape[0])  # same inputs: the same top right singular vectors (up to sign)
     assert n > 0
     torch.testing.assert_close((q[:n] * k[:n]).sum(1).abs(), torch.ones(n), atol=1e-4, rtol=1e-4)
+
+
+def test_layers_sharing_an_input_share_one_gram_and_changing_sharing_stays_exact():
+    """q/k/v (and gate/up) read one tensor: one Gram object for them; a layer pair that shares its input in one
+    batch but not the next gets separate, exact sums."""
+    from lorakit.init.data import _input_grams
+
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 3, dtype=torch.float64), nn.Linear(4, 3, dtype=torch.float64)
+            self.calls = 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            return self.a(x) + self.b(x if self.calls == 1 else 2 * x)  # shared in the first batch only
+
+    model = lorakit.adapt(Branchy(), lorakit.LoraConfig(r=1, targets=["a", "b"]))
+    data = [torch.randn(5, 4, generator=torch.Generator().manual_seed(i), dtype=torch.float64) for i in range(2)]
+    hosts = list(lorakit.inject.hosts(model))
+    grams = _input_grams(model, hosts, data, lambda m, x: m(x))
+    torch.testing.assert_close(grams["a"], data[0].T @ data[0] + data[1].T @ data[1])
+    torch.testing.assert_close(grams["b"], data[0].T @ data[0] + 4 * data[1].T @ data[1])
+
+    llama = lorakit.adapt(tiny_llama(), lorakit.LoraConfig(r=2))
+    ids = torch.randint(0, 96, (2, 6), generator=torch.Generator().manual_seed(3))
+    layers = [h for h in lorakit.inject.hosts(llama) if ".layers.0." in h.path]
+    grams = _input_grams(llama, layers, [{"input_ids": ids}, {"input_ids": ids.flip(1)}], lambda m, b: m(**b))
+    attn, mlp = (f"model.layers.0.{p}" for p in ("self_attn", "mlp"))
+    assert grams[f"{attn}.q_proj"] is grams[f"{attn}.k_proj"] is grams[f"{attn}.v_proj"]
+    assert grams[f"{mlp}.gate_proj"] is grams[f"{mlp}.up_proj"]
+    assert len({id(g) for g in grams.values()}) == 4  # attention input, o_proj, MLP input, down_proj
+
+
+@pytest.mark.parametrize("whiten", [False, True])
+def test_eva_randomized_top_k_matches_the_exact_eigendecomposition(whiten):
+    """``init_options={"niter": N}``: the top eigenpairs by randomized subspace iteration on a 96-wide layer whose
+    inputs have a decaying spectrum equal the exact ``eigh``'s (rows of A up to sign, ratios, ranks)."""
+    gen = torch.Generator().manual_seed(4)
+    mix = torch.linalg.qr(torch.randn(96, 96, generator=gen, dtype=torch.float64)).Q * 0.8 ** torch.arange(96.0)
+    data = [torch.randn(40, 96, generator=gen, dtype=torch.float64) @ mix.T for _ in range(3)]
+    results = {}
+    for niter in (None, 6):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(96, 16, dtype=torch.float64), nn.Linear(16, 8, dtype=torch.float64))
+        options = {"whiten": whiten} if niter is None else {"whiten": whiten, "niter": niter}
+        lorakit.adapt(model, lorakit.LoraConfig(r=4, init="eva", init_options=options, targets=["0", "1"]))
+        lorakit.initialize(model, data)
+        results[niter] = [model.get_submodule(n).adapters["default"].a.detach() for n in ("0", "1")]
+    for exact, fast in zip(results[None], results[6]):
+        assert exact.shape == fast.shape
+        norms = exact.norm(dim=1)
+        torch.testing.assert_close((exact * fast).sum(1).abs(), norms * fast.norm(dim=1), rtol=1e-6, atol=0)
+        torch.testing.assert_close(fast.norm(dim=1), norms, rtol=1e-6, atol=0)
+    with pytest.raises(lorakit.ConfigError, match="niter"):
+        bad = lorakit.adapt(MLP(), lorakit.LoraConfig(r=2, init="eva", init_options={"niter": 0}, targets=["up"]))
+        lorakit.initialize(bad, batches())
+
+
+def test_lora_ga_default_passes_fill_the_gradient_budget(monkeypatch):
+    """Without ``layers_per_pass`` a pass holds as many layers' float32 gradients as fit in the byte budget."""
+    import lorakit.init.data as data_module
+
+    model = lorakit.adapt(MLP(), lorakit.LoraConfig(r=2, init="lora-ga", targets=["up", "down"]))
+    layers = list(lorakit.inject.hosts(model))  # up: 8 x 6, down: 4 x 8 -> 192 and 128 bytes of float32
+    assert [len(g) for g in data_module._passes(layers, None)] == [2]
+    monkeypatch.setattr(data_module, "GRADIENT_BUDGET", 300)
+    assert [[h.path for h in g] for g in data_module._passes(layers, None)] == [["up"], ["down"]]
+    monkeypatch.setattr(data_module, "GRADIENT_BUDGET", 1)  # a layer larger than the budget still gets a pass
+    assert [len(g) for g in data_module._passes(layers, None)] == [1, 1]
+    assert [len(g) for g in data_module._passes(layers, 5)] == [2]

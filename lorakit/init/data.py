@@ -5,8 +5,10 @@ The adapter is created first (``adapt(model, LoraConfig(init="lora-ga"))`` start
 ``layers_per_pass`` layers at a time, collects each layer's statistic:
 
 * ``"gradient"``: the mean full-weight gradient ``dL/dW``. Only the group's base weights require grad during the
-  pass, so autograd builds no graph below the group and at most ``layers_per_pass`` full-weight gradients exist
-  at once (PEFT's ``preprocess_loraga`` keeps every target's gradient alive together);
+  pass, so autograd builds no graph below the group and only the group's full-weight gradients exist at once
+  (PEFT's ``preprocess_loraga`` keeps every target's gradient alive together). Groups hold ``layers_per_pass``
+  layers, or by default as many as fit in :data:`GRADIENT_BUDGET` bytes of float32 gradients (one pass for a
+  small model such as SmolLM2-135M; a few layers per pass for a 7B model);
 * ``"inputs"``: the Gram matrix ``X^T X`` of the layer's inputs, from forward hooks, under ``no_grad``.
 
 Each layer's statistic is reduced by the initialiser right away (to factors or a small summary) and freed. When
@@ -28,13 +30,15 @@ from ..inject import active_adapters, adapt, config_of, configs, delete_adapter,
 from .layout import factor_dtype, precise
 from .registry import INITS, Factors, LayerInfo, options_of
 
+GRADIENT_BUDGET = 2**30  # bytes of float32 full-weight gradients per pass when layers_per_pass is not given
+
 LossFn = Callable[[Any, Any], Tensor]
 ModelLoss = Callable[[nn.Module, Any], Tensor]
 
 
 def initialize(model: nn.Module, data: Iterable[Any], adapter: str = "default", *, batches: int = 8,
                loss_fn: LossFn | None = None, model_loss: ModelLoss | None = None,
-               layers_per_pass: int = 8) -> nn.Module:
+               layers_per_pass: int | None = None) -> nn.Module:
     """Run adapter ``adapter``'s data-driven initialiser (its config's ``init``) on the first ``batches`` of ``data``.
 
     Args:
@@ -42,14 +46,16 @@ def initialize(model: nn.Module, data: Iterable[Any], adapter: str = "default", 
         loss_fn: ``loss_fn(output, batch) -> scalar`` for gradient-based initialisers (default: ``output.loss``).
         model_loss: ``model_loss(model, batch) -> scalar``, instead of calling the model here and ``loss_fn``
             (for losses that need their own forward, e.g. a task's); its value is unused for input statistics.
-        layers_per_pass: layers whose statistics are gathered in one pass over the batches (memory vs passes).
+        layers_per_pass: layers whose gradients are gathered in one pass over the batches (memory vs passes);
+            default: as many as fit in :data:`GRADIENT_BUDGET` bytes. Input statistics always take one pass.
     """
     config = config_of(model, adapter)
     init = getattr(config, "init", None)
     require(init in INITS and INITS.get(init).needs_data, "init", init,
             f"adapter {adapter!r} must use a data-driven initialiser "
             f"({', '.join(n for n in INITS.names() if INITS.get(n).needs_data)})")
-    require(layers_per_pass >= 1, "layers_per_pass", layers_per_pass, "must be >= 1")
+    require(layers_per_pass is None or layers_per_pass >= 1, "layers_per_pass", layers_per_pass,
+            "must be None (fill the gradient budget) or >= 1")
     require(model_loss is None or loss_fn is None, "model_loss", model_loss, "replaces loss_fn; give one of them")
     spec = INITS.get(init)
     forward = model_loss or (_loss_of(loss_fn) if spec.statistic == "gradient" else _call)
@@ -62,15 +68,36 @@ def initialize(model: nn.Module, data: Iterable[Any], adapter: str = "default", 
     require(len(stored) > 0, "data", data, "yielded no batches")
     infos = {h.path: _info(h, adapter) for h in layers}
     summaries: dict[str, Any] = {}
-    per_pass = layers_per_pass if spec.statistic == "gradient" else len(layers)  # Gram matrices are small: one pass
-    for start in range(0, len(layers), per_pass):
-        group = layers[start : start + per_pass]
+    groups = _passes(layers, layers_per_pass) if spec.statistic == "gradient" else [layers]  # Grams are small
+    for group in groups:
         collect = _gradients if spec.statistic == "gradient" else _input_grams
+        done: dict[tuple[Any, ...], Any] = {}  # layers fed one input share its Gram: summarise it once per shape
         for path, stat in collect(model, group, stored, forward).items():
-            summaries[path] = spec.fn(stat, infos[path], **options)
+            info = infos[path]
+            key = (id(stat), info.rows, info.cols, info.r, info.scale)
+            if key not in done:
+                done[key] = spec.fn(stat, info, **options)
+            summaries[path] = done[key]
     factors = spec.combine(summaries, infos, **options) if spec.combine else summaries
     _apply(model, adapter, factors, infos)
     return model
+
+
+def _passes(layers: list[HostLayer], per_pass: int | None) -> list[list[HostLayer]]:
+    """``layers`` cut into groups of ``per_pass``, or (``None``) of at most :data:`GRADIENT_BUDGET` gradient bytes
+    (at least one layer each)."""
+    if per_pass is not None:
+        return [layers[i : i + per_pass] for i in range(0, len(layers), per_pass)]
+    groups: list[list[HostLayer]] = [[]]
+    used = 0
+    for host in layers:
+        size = 4 * host.geometry.d_in * host.geometry.d_out
+        if groups[-1] and used + size > GRADIENT_BUDGET:
+            groups.append([])
+            used = 0
+        groups[-1].append(host)
+        used += size
+    return groups
 
 
 def _info(host: HostLayer, adapter: str) -> LayerInfo:
@@ -125,11 +152,12 @@ def _input_grams(model: nn.Module, group: list[HostLayer], batches: list[Any],
                  run: Callable[[nn.Module, Any], Any]) -> dict[str, Tensor]:
     """``X^T X`` of each layer's inputs over every token of every batch (``(d_in, d_in)``, >= float32).
 
-    Layers fed the same tensor (q/k/v, gate/up) share one product per batch: ``seen`` keeps each input alive for
-    the batch's forward pass, so a tensor's storage cannot be reused by another input of the same shape.
+    Layers fed the same tensor (q/k/v, gate/up) share one product per batch, and one accumulated Gram matrix (the
+    same tensor object) when they shared their input in every batch. ``seen`` keeps each input alive for the batch's
+    forward pass, so a tensor's storage cannot be reused by another input of the same shape.
     """
-    grams: dict[str, Tensor] = {}
-    seen: dict[tuple[Any, ...], tuple[Tensor, Tensor]] = {}  # (data_ptr, shape, strides, dtype) -> (input, gram)
+    totals: dict[tuple[str, ...], Tensor] = {}  # layers sharing one input in some batch -> their summed Gram
+    seen: dict[tuple[Any, ...], tuple[Tensor, Tensor, list[str]]] = {}  # input key -> (input, Gram, its layers)
 
     def hook(host: HostLayer) -> Callable[..., None]:
         def record(module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -137,9 +165,8 @@ def _input_grams(model: nn.Module, group: list[HostLayer], batches: list[Any],
             key = (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype)  # views of one storage differ in strides
             if key not in seen:
                 flat = precise(x.reshape(-1, host.geometry.d_in))  # (tokens, d_in)
-                seen[key] = (x, flat.t() @ flat)  # (d_in, d_in)
-            gram = seen[key][1]
-            grams[host.path] = grams[host.path] + gram if host.path in grams else gram
+                seen[key] = (x, flat.t() @ flat, [])  # (d_in, d_in)
+            seen[key][2].append(host.path)
 
         return record
 
@@ -148,11 +175,23 @@ def _input_grams(model: nn.Module, group: list[HostLayer], batches: list[Any],
         with disable(model), torch.no_grad():
             for batch in batches:
                 run(model, batch)
+                for _, gram, paths in seen.values():
+                    sharing = tuple(paths)
+                    totals[sharing] = totals[sharing] + gram if sharing in totals else gram
                 seen.clear()
     finally:
         for handle in handles:
             handle.remove()
-    return grams
+    groups: dict[str, list[tuple[str, ...]]] = {}
+    for sharing in totals:
+        for path in sharing:
+            groups.setdefault(path, []).append(sharing)
+    summed: dict[tuple[tuple[str, ...], ...], Tensor] = {}
+    for parts in groups.values():
+        key = tuple(parts)
+        if key not in summed:  # usually one part: the same layers shared their input in every batch
+            summed[key] = sum((totals[p] for p in parts[1:]), totals[parts[0]])
+    return {path: summed[tuple(parts)] for path, parts in groups.items()}
 
 
 def _apply(model: nn.Module, adapter: str, factors: dict[str, Factors], infos: dict[str, LayerInfo]) -> None:
