@@ -186,3 +186,35 @@ def test_bgmv_against_a_row_by_row_reference(names, kernel, grad):
         torch.testing.assert_close(out[i], expected[i])
     if any(names):
         assert (out.data_ptr() == base.data_ptr()) == (not grad)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_attached_adapters_train_through_one_grouped_product(monkeypatch, dropout):
+    """Attached LoRAs of different ranks routed per row in training (multi-job training): one grouped product per
+    layer when every adapter is exactly ``B_eff A_eff`` (no active dropout), else the segment path; both give each
+    row its own adapter's output, and each adapter the gradient of its own rows."""
+    taken: list[int] = []
+    product = stacked.grouped_product
+    monkeypatch.setattr(stacked, "grouped_product", lambda *a: taken.append(1) or product(*a))
+    model = tiny_llama()
+    for name, r in (("a", 2), ("b", 8), ("c", 4)):
+        lorakit.adapt(model, lorakit.LoraConfig(r=r, dropout=dropout, targets=["q_proj", "down_proj"]), name)
+    with torch.no_grad():
+        for p in lorakit.trainable_parameters(model).values():
+            p.normal_(0, 0.1)
+    model.train()
+    names, ids = ["b", "a", "a", None, "c"], IDS[:5, :3]
+    torch.manual_seed(0)
+    with lorakit.route(model, names):
+        model(ids).logits.square().sum().backward()
+    assert len(taken) == (4 if dropout == 0 else 0)  # q_proj and down_proj of both layers
+    if dropout:
+        return
+    routed = {k: p.grad.clone() for k, p in lorakit.trainable_parameters(model).items()}
+    model.zero_grad(set_to_none=True)
+    for i, name in enumerate(names):
+        if name is not None:
+            lorakit.set_active(model, name)
+            model(ids[i : i + 1]).logits.square().sum().backward()
+    for key, p in lorakit.trainable_parameters(model).items():
+        torch.testing.assert_close(routed[key], p.grad, atol=1e-5, rtol=1e-4)

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from ..errors import LorakitError
 from ..routing.rows import RowRouting
-from ..routing.stacked import SlotStack
+from ..routing.stacked import SlotStack, apply_grouped, stackable
 from .geometry import Geometry, geometry_of, mix_units, per_unit
 from .quantized import backend_for
 
@@ -183,9 +183,11 @@ class HostLayer(nn.Module):
         return out
 
     def _forward_rows(self, x: Tensor, routing: RowRouting) -> Tensor:
-        """An adapter per row. Rows routed to an adapter pool's slots go through ``self.stack`` (the stacked path);
-        rows of attached adapters take the segment path: one adapter call per group of rows, all added back with
-        one ``index_add``; rows of no adapter (or of one that does not target this layer) keep the base output."""
+        """An adapter per row. Rows routed to an adapter pool's slots go through ``self.stack`` (the stacked path).
+        Rows of attached adapters: one grouped product over all of them when each is exactly ``B_eff A_eff``
+        (multi-job training: :func:`~lorakit.routing.stacked.apply_grouped`), else the segment path, one adapter
+        call per group of rows, all added back with one ``index_add``. Rows of no adapter (or of one that does not
+        target this layer) keep the base output."""
         routing.check_rows(x.shape[0], self.path)
         if self.merged:
             raise LorakitError(f"layer {self.path!r} has merged adapters {self.merged}; unmerge before routing rows")
@@ -194,12 +196,16 @@ class HostLayer(nn.Module):
             return self._forward_sum((only,) if only in self.adapters else (), x)  # fused where it can be
         base_out = self.base_layer(x)
         out = base_out if self.stack is None else self.stack.apply(x, base_out, routing)
+        groups = [(name, idx) for name, idx in routing.groups(x.device) if name in self.adapters]
+        if len(groups) > 1 and all(stackable(self.adapters[n], self.geometry.kind) for n, _ in groups):
+            grouped = apply_grouped(x, out, routing, {n: self.adapters[n].factors() for n, _ in groups})
+            if grouped is not None:
+                return grouped
         pieces, rows = [], []
-        for name, idx in routing.groups(x.device):
-            if name in self.adapters:
-                xs = x.index_select(0, idx)
-                pieces.append(self.adapters[name](xs, base_out.index_select(0, idx), self.backend))
-                rows.append(idx)
+        for name, idx in groups:
+            xs = x.index_select(0, idx)
+            pieces.append(self.adapters[name](xs, base_out.index_select(0, idx), self.backend))
+            rows.append(idx)
         return out.index_add(0, torch.cat(rows), torch.cat(pieces)) if pieces else out
 
     def extra_repr(self) -> str:

@@ -34,7 +34,7 @@ from ..errors import AdapterFileError, LorakitError
 from ..inject import POOL, configs, delete_adapter, hosts
 from ..io.adapter_files import CONFIG_FILE, attach_adapter, read_adapter
 from ..io.files import read_json
-from .stacked import SlotStack, SlotTable
+from .stacked import SlotStack, SlotTable, stackable
 
 
 @dataclass
@@ -97,7 +97,7 @@ class AdapterPool:
             self._attach_to_model(name, entry)  # validates the tensors against the model
             layers = [h for h in hosts(self.model) if name in h.adapters]
             entry.targets = [h.path for h in layers]
-            if all(_stackable(h.adapters[name], h.geometry.kind) for h in layers):
+            if all(stackable(h.adapters[name], h.geometry.kind) for h in layers):
                 for host in layers:
                     b_eff, a_eff = host.adapters[name].factors()
                     if host.stack is None or host.stack.table is not self._table:
@@ -253,11 +253,6 @@ class AdapterPool:
         for path in factors:
             self.model.get_submodule(path).stack.drop(name)
         self._table.free(name)
-
-
-def _stackable(adapter: nn.Module, kind: str) -> bool:
-    """Factorable on a linear layer with nothing beyond ``B_eff A_eff`` (no bias); dropout is off at inference."""
-    return kind == "linear" and adapter.capabilities.factorable and adapter.bias_delta() is None
 
 
 def _host_copy(factor: Tensor) -> Tensor:

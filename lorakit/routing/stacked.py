@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..errors import LorakitError
 from .rows import RowRouting
@@ -67,24 +67,27 @@ class SlotTable:
 
     def groups(self, routing: RowRouting, device: torch.device) -> SlotGroups:
         """The batch's rows grouped by slot (see :class:`SlotGroups`), computed once per batch for every layer."""
-        def make() -> SlotGroups:
-            placed = sorted((self.slots[n], row) for row, n in enumerate(routing.names) if n in self.slots)
-            if not placed:
-                return SlotGroups(torch.empty(0, dtype=torch.long, device=device), None, 0, 0, 0, False)
-            lo, hi = placed[0][0], placed[-1][0] + 1
-            seen: dict[int, int] = {}
-            cells = []
-            for slot, _ in placed:
-                cells.append((slot - lo, seen.get(slot, 0)))
-                seen[slot] = seen.get(slot, 0) + 1
-            most = max(seen.values())
-            order = [row for _, row in placed]
-            rows = torch.tensor(order, dtype=torch.long, device=device)
-            dense = (hi - lo) * most == len(placed)  # no padding: the grid is the rows in slot order
-            index = None if dense else torch.tensor([g * most + m for g, m in cells], dtype=torch.long, device=device)
-            return SlotGroups(rows, index, lo, hi, most, order == list(range(len(routing.names))))
+        return routing.cached(("groups", id(self), self.version, device),
+                              lambda: group_rows(routing.names, self.slots, device))
 
-        return routing.cached(("groups", id(self), self.version, device), make)
+
+def group_rows(names: list[str | None], slot_of: dict[str, int], device: torch.device) -> SlotGroups:
+    """Rows whose adapter has a slot in ``slot_of``, grouped by slot (the padded grid's layout)."""
+    placed = sorted((slot_of[n], row) for row, n in enumerate(names) if n in slot_of)
+    if not placed:
+        return SlotGroups(torch.empty(0, dtype=torch.long, device=device), None, 0, 0, 0, False)
+    lo, hi = placed[0][0], placed[-1][0] + 1
+    seen: dict[int, int] = {}
+    cells = []
+    for slot, _ in placed:
+        cells.append((slot - lo, seen.get(slot, 0)))
+        seen[slot] = seen.get(slot, 0) + 1
+    most = max(seen.values())
+    order = [row for _, row in placed]
+    rows = torch.tensor(order, dtype=torch.long, device=device)
+    dense = (hi - lo) * most == len(placed)  # no padding: the grid is the rows in slot order
+    index = None if dense else torch.tensor([g * most + m for g, m in cells], dtype=torch.long, device=device)
+    return SlotGroups(rows, index, lo, hi, most, order == list(range(len(names))))
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,10 @@ class SlotGroups:
     hi: int
     most: int
     in_order: bool
+
+    def even(self) -> bool:
+        """The padded grid has at most :data:`MAX_PADDING` times the rows."""
+        return (self.hi - self.lo) * self.most <= MAX_PADDING * self.rows.numel()
 
 
 class SlotStack:
@@ -156,7 +163,7 @@ class SlotStack:
             return base_out
         g = self.table.groups(routing, x.device)
         tokens = x.numel() // (x.shape[0] * x.shape[-1])  # per row
-        if g.most * tokens <= MAX_TOKENS_PER_ADAPTER and (g.hi - g.lo) * g.most <= MAX_PADDING * g.rows.numel():
+        if g.most * tokens <= MAX_TOKENS_PER_ADAPTER and g.even():
             return self.apply_grid(x, base_out, routing)
         return self.apply_segments(x, base_out, routing)
 
@@ -165,23 +172,7 @@ class SlotStack:
         g = self.table.groups(routing, x.device)
         if not g.rows.numel():
             return base_out
-        x3 = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, T, d_in)
-        tokens, d_in = x3.shape[1:]
-        n_slots = g.hi - g.lo
-        n_cells = n_slots * g.most
-        xs = (x3 if g.in_order else x3.index_select(0, g.rows)).to(self.a_t.dtype)
-        if g.cells is not None:  # pad uneven groups
-            xs = xs.new_zeros(n_cells, tokens, d_in).index_copy_(0, g.cells, xs)
-        h = torch.bmm(xs.reshape(n_slots, g.most * tokens, d_in), self.a_t[g.lo:g.hi])  # (G, most T, r_max)
-        out = base_out.reshape(x3.shape[0], tokens, -1)
-        inplace = not torch.is_grad_enabled()
-        if inplace and g.in_order and g.cells is None and out.dtype == h.dtype:
-            out.view(n_slots, g.most * tokens, -1).baddbmm_(h, self.b_t[g.lo:g.hi])  # no delta tensor at all
-            return base_out
-        delta = torch.bmm(h, self.b_t[g.lo:g.hi]).view(n_cells, tokens, -1).to(out.dtype)  # (G most, T, d_out)
-        if g.cells is not None:
-            delta = delta.index_select(0, g.cells)
-        return _add_rows(out, g.rows, delta, inplace).reshape(base_out.shape)
+        return grouped_product(x, base_out, self.a_t[g.lo:g.hi], self.b_t[g.lo:g.hi], g)
 
     def apply_segments(self, x: Tensor, base_out: Tensor, routing: RowRouting) -> Tensor:
         """One ``(x A^T) B^T`` per slot present in this layer, over that slot's rows (many tokens per adapter)."""
@@ -200,6 +191,59 @@ class SlotStack:
             delta = (h @ self.b_t[slot]).to(out.dtype)
             out = (out.add_(delta) if inplace else out + delta) if whole else _add_rows(out, idx, delta, inplace)
         return out
+
+
+def grouped_product(x: Tensor, base_out: Tensor, a_t: Tensor, b_t: Tensor, g: SlotGroups) -> Tensor:
+    """``base_out + B_s A_s x_i`` for the rows ``g`` groups, ``a_t (G, d_in, r)`` and ``b_t (G, r, d_out)`` being the
+    factors of slots ``g.lo .. g.hi``: the padded grid and two ``torch.bmm``. Without autograd the products are added
+    into ``base_out`` in place (``baddbmm`` straight into it when the rows are in slot order and unpadded)."""
+    x3 = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, T, d_in)
+    tokens, d_in = x3.shape[1:]
+    n_slots = g.hi - g.lo
+    n_cells = n_slots * g.most
+    xs = (x3 if g.in_order else x3.index_select(0, g.rows)).to(a_t.dtype)
+    if g.cells is not None:  # pad uneven groups
+        xs = xs.new_zeros(n_cells, tokens, d_in).index_copy(0, g.cells, xs)
+    h = torch.bmm(xs.reshape(n_slots, g.most * tokens, d_in), a_t)  # (G, most T, r)
+    out = base_out.reshape(x3.shape[0], tokens, -1)
+    inplace = not torch.is_grad_enabled()
+    if inplace and g.in_order and g.cells is None and out.dtype == h.dtype:
+        out.view(n_slots, g.most * tokens, -1).baddbmm_(h, b_t)  # no delta tensor at all
+        return base_out
+    delta = torch.bmm(h, b_t).view(n_cells, tokens, -1).to(out.dtype)  # (G most, T, d_out)
+    if g.cells is not None:
+        delta = delta.index_select(0, g.cells)
+    if g.in_order and g.cells is None and not inplace:
+        return (out + delta).reshape(base_out.shape)
+    return _add_rows(out, g.rows, delta, inplace).reshape(base_out.shape)
+
+
+def apply_grouped(x: Tensor, base_out: Tensor, routing: RowRouting,
+                  factors: dict[str, tuple[Tensor, Tensor]]) -> Tensor | None:
+    """The grid for attached adapters given by their ``(B_eff, A_eff)`` (differentiable: multi-job training), ranks
+    zero-padded to the largest; ``None`` when the groups are too uneven to pad (:data:`MAX_PADDING`)."""
+    names = list(factors)
+    g = routing.cached(("modules", tuple(names), x.device),
+                       lambda: group_rows(routing.names, {n: i for i, n in enumerate(names)}, x.device))
+    if not g.even():
+        return None
+    r_max = max(a.shape[0] for _, a in factors.values())
+    a_t = torch.stack([_pad_rank(a.t(), r_max) for _, a in factors.values()])  # (G, d_in, r_max)
+    b_t = torch.stack([_pad_rank(b, r_max).t() for b, _ in factors.values()])  # (G, r_max, d_out)
+    return grouped_product(x, base_out, a_t, b_t, g)
+
+
+def _pad_rank(m: Tensor, r_max: int) -> Tensor:
+    """``m (n, r)`` with zero columns up to ``r_max`` (differentiable; no copy when ``r == r_max``)."""
+    return m if m.shape[1] == r_max else F.pad(m, (0, r_max - m.shape[1]))
+
+
+def stackable(adapter: nn.Module, kind: str) -> bool:
+    """Whether ``adapter`` on a ``kind`` layer is exactly ``B_eff A_eff`` in its current mode: factorable, on a linear
+    layer, no bias, no active dropout (the stacked path's and grouped product's condition)."""
+    dropout = getattr(getattr(adapter, "config", None), "dropout", 0.0)
+    return (kind == "linear" and adapter.capabilities.factorable and adapter.bias_delta() is None
+            and (not dropout or not adapter.training))
 
 
 def _add_rows(out: Tensor, rows: Tensor, delta: Tensor, inplace: bool) -> Tensor:
