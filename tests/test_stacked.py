@@ -36,15 +36,15 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, to
 
 @pytest.fixture
 def calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Input shapes of the layers that took the stacked path's grid (rather than per-slot products)."""
+    """Input shapes of the layers that ran the padded grid (rather than only per-slot products)."""
     seen: list[str] = []
-    apply_grid = stacked.SlotStack.apply_grid
+    grid = stacked._grid
 
-    def spy(self, x, base_out, routing):
+    def spy(x, *args):
         seen.append(x.shape)
-        return apply_grid(self, x, base_out, routing)
+        return grid(x, *args)
 
-    monkeypatch.setattr(stacked.SlotStack, "apply_grid", spy)
+    monkeypatch.setattr(stacked, "_grid", spy)
     return seen
 
 
@@ -115,28 +115,24 @@ def test_one_slot_adapter_for_every_row_equals_activating_it(setup, calls):
     assert calls  # 3 rows x 7 tokens <= MAX_TOKENS_PER_ADAPTER: one slot's grid
 
 
-def test_kernel_choice_follows_group_sizes_and_padding(monkeypatch):
+def test_plan_sends_long_or_skewed_groups_alone_and_the_rest_to_the_grid(monkeypatch):
     monkeypatch.setattr(stacked, "MAX_TOKENS_PER_ADAPTER", 4)
     monkeypatch.setattr(stacked, "MAX_PADDING", 2.0)
-    table = stacked.SlotTable(capacity=3)
-    stack = stacked.SlotStack(table, d_in=3, d_out=2, like=torch.zeros(()))
-    for name in ("a", "b", "c"):
-        table.assign(name)
-        stack.put(name, torch.ones(2, 1), torch.ones(1, 3))
-    taken: list[str] = []
-    for kernel in ("apply_grid", "apply_segments"):
-        monkeypatch.setattr(stack, kernel, lambda x, base, routing, kernel=kernel: taken.append(kernel) or base)
+    slots = {"a": 0, "b": 1, "c": 5}
 
-    def kernel(x: torch.Tensor, names: list[str | None]) -> str:
-        taken.clear()
-        stack.apply(x, torch.zeros(*x.shape[:-1], 2), RowRouting(names))
-        return taken[0] if taken else "none"
+    def plan(names: list[str | None], tokens: int = 1) -> tuple[list[int], list[int], int, list[list[int]]]:
+        p = stacked.plan_rows(names, slots, tokens, torch.device("cpu"))
+        return p.slots, p.rows.tolist(), p.most, [[s, *rows.tolist()] for s, rows, _ in p.alone]
 
-    assert kernel(torch.zeros(2, 4, 3), ["a", "b"]) == "apply_grid"  # 4 tokens per adapter
-    assert kernel(torch.zeros(2, 5, 3), ["a", "b"]) == "apply_segments"  # 5
-    assert kernel(torch.zeros(3, 1, 3), ["a", "a", "b"]) == "apply_grid"  # grid 2 x 2 = 4 cells, 3 rows
-    assert kernel(torch.zeros(4, 1, 3), ["a", "a", "a", "c"]) == "apply_segments"  # 3 x 3 cells, 4 rows
-    assert kernel(torch.zeros(2, 1, 3), ["d", None]) == "none"  # no row on a slot adapter: the base output
+    assert plan(["a", "b"], tokens=4) == ([0, 1], [0, 1], 1, [])  # 4 tokens per adapter: the grid
+    assert plan(["a", "b"], tokens=5) == ([], [], 0, [[0, 0], [1, 1]])  # 5: each alone
+    assert plan(["b", "a", "a", "c"]) == ([0, 1, 5], [1, 2, 0, 3], 2, [])  # 3 x 2 cells for 4 rows
+    skewed = plan(["a", "a", "a", "a", "a", "b", "c"])  # a's 5 rows would pad b and c to 15 cells for 7 rows
+    assert skewed == ([1, 5], [5, 6], 1, [[0, 0, 1, 2, 3, 4]])
+    assert plan([None, "d"]) == ([], [], 0, [])  # no row on a slot adapter
+    sparse = stacked.plan_rows(["c", "a"], slots, 1, torch.device("cpu"))
+    table = torch.arange(6.0)
+    assert sparse.select(table).tolist() == [0.0, 5.0]  # slots 0 and 5: gathered, not the range 0..5
 
 
 def test_slot_reuse_after_eviction_clears_the_padded_rank(tmp_path: Path):
@@ -162,13 +158,16 @@ def test_slot_reuse_after_eviction_clears_the_padded_rank(tmp_path: Path):
 
 
 @pytest.mark.parametrize("grad", [True, False], ids=["autograd", "inference"])
-@pytest.mark.parametrize("kernel", ["apply_grid", "apply_segments"])
+@pytest.mark.parametrize("limit", [0, 2, float("inf")], ids=["alone", "mixed", "grid"])
 @pytest.mark.parametrize("names", [["c", None, "a", "c", "b"], [None, "b", "b", "b", None], [None] * 5,
-                                   ["a", "a", "b", "b"], ["c"] * 3])
-def test_bgmv_against_a_row_by_row_reference(names, kernel, grad):
-    """Both kernels are ``base + x_i A_i^T B_i^T`` with each row's own slot (uneven groups, a slot in the range with
-    no rows, rows already in slot order, one slot for the whole batch); rows without an adapter keep the base
-    output. Without autograd the sum is formed in the base output's storage."""
+                                   ["a", "a", "b", "b"], ["c"] * 3, ["a", "a", "a", "a", "c", "b"]])
+def test_bgmv_against_a_row_by_row_reference(names, limit, grad, monkeypatch):
+    """The product is ``base + x_i A_i^T B_i^T`` with each row's own slot, whatever runs alone or in the grid
+    (uneven groups, slots in use that are not contiguous, rows already in slot order, one slot for the whole batch,
+    a skewed batch); rows without an adapter keep the base output. Without autograd the sum is formed in the base
+    output's storage."""
+    monkeypatch.setattr(stacked, "MAX_TOKENS_PER_ADAPTER", limit if limit != 2 else 4)
+    monkeypatch.setattr(stacked, "MAX_PADDING", limit)
     torch.manual_seed(0)
     table = stacked.SlotTable(capacity=5)
     stack = stacked.SlotStack(table, d_in=5, d_out=6, like=torch.zeros((), dtype=torch.float64))
@@ -181,7 +180,7 @@ def test_bgmv_against_a_row_by_row_reference(names, kernel, grad):
     expected = [base[i].clone() if n is None else base[i] + x[i] @ factors[n][1].T @ factors[n][0].T
                 for i, n in enumerate(names)]
     with torch.set_grad_enabled(grad):
-        out = getattr(stack, kernel)(x, base, RowRouting(names))
+        out = stack.apply(x, base, RowRouting(names))
     for i in range(len(names)):
         torch.testing.assert_close(out[i], expected[i])
     if any(names):

@@ -198,9 +198,7 @@ class HostLayer(nn.Module):
         out = base_out if self.stack is None else self.stack.apply(x, base_out, routing)
         groups = [(name, idx) for name, idx in routing.groups(x.device) if name in self.adapters]
         if len(groups) > 1 and all(stackable(self.adapters[n], self.geometry.kind) for n, _ in groups):
-            grouped = apply_grouped(x, out, routing, {n: self.adapters[n].factors() for n, _ in groups})
-            if grouped is not None:
-                return grouped
+            return apply_grouped(x, out, routing, {n: self.adapters[n].factors() for n, _ in groups})
         pieces, rows = [], []
         for name, idx in groups:
             xs = x.index_select(0, idx)

@@ -9,23 +9,26 @@ A :class:`SlotStack` holds one host layer's slot tensors; the adapter pool (:mod
 in which slot (a :class:`SlotTable` shared by every layer) and packs ``Adapter.factors()`` into them.
 
 The product here is the padded form of MBGMM in plain PyTorch, which runs on any device: the rows are grouped by
-slot into ``X[g, m]`` (``g``: slot ``lo + g`` of the range of slots in use, ``m``: the rows of that slot, padded to
-the most rows any slot has), then two ``torch.bmm`` calls read the slot tensors *in place* (a slice, no gather):
-``H = X A^T[lo:hi]``, ``D = H B^T[lo:hi]``, and ``D`` is added back to each row. Measured on CPU against the
-alternatives (``benchmarks/mixed_batch.py``; docs/benchmarks.md, "Mixed-adapter batches"): gathering each row's
-factors (``A[s]`` for the batch, Punica's layout) copies every adapter once per row, and ``torch.nn.functional
-.grouped_mm`` loops over the groups in Python-visible ops on CPU; both were slower. The cost is the slots in the range
-``lo..hi`` (the pool packs adapters into the lowest free slots, so the range stays compact) plus the padding of
-uneven groups (activations only, small beside the weights at decode).
+slot into ``X[g, m]`` (``g``: the ``g``-th slot in use, ``m``: the rows of that slot, padded to the most rows any of
+these slots has), then two ``torch.bmm`` calls read those slots' factors (a slice of the slot tensors when the slots
+in use are contiguous, else one gather of them): ``H = X A^T[slots]``, ``D = H B^T[slots]``, and ``D`` is added back
+to each row. Measured on CPU against the alternatives (``benchmarks/mixed_batch.py``; docs/benchmarks.md,
+"Mixed-adapter batches"): gathering each row's factors (``A[s]`` for the batch, Punica's layout) copies every adapter
+once per row, and ``torch.nn.functional.grouped_mm`` loops over the groups in Python-visible ops on CPU; both were
+slower.
+
+A :class:`SlotPlan` (one per batch, shared by every layer) decides which rows go in the grid: a slot whose rows hold
+more than :data:`MAX_TOKENS_PER_ADAPTER` tokens (prefill), or whose many rows would pad the grid beyond
+:data:`MAX_PADDING` times its rows (a popular adapter in a skewed decode batch), runs alone, one pair of products over
+its rows (the segment path's shape, read from the slot tensors); the rest share the grid.
 
 The factors are stored transposed, ``A^T[n, d_in, r_max]`` and ``B^T[n, r_max, d_out]``, the layout ``torch.bmm``
 reads fastest (2-4x faster on CPU than transposed views of ``A[n, r_max, d_in]``, ``B[n, d_out, r_max]``). Adapters
 of lower rank are zero-padded to the largest rank in the stack (``r_max`` grows, never shrinks).
 
 Adapters in slots are the adapter pool's: frozen, never attached to the model as modules, applied only from the
-slots. :meth:`SlotStack.apply` runs the padded grid when few tokens share each slot (decode:
-:data:`MAX_TOKENS_PER_ADAPTER`) and the groups are even enough (:data:`MAX_PADDING`); otherwise (prefill) one pair of
-products per slot's rows, the segment path's shape (:mod:`.rows`) read from the slot tensors.
+slots. The same plan and product also serve attached adapters routed per row when each is exactly ``B_eff A_eff``
+(:func:`apply_grouped`: multi-job training, differentiable).
 """
 from __future__ import annotations
 
@@ -38,9 +41,9 @@ from torch import Tensor, nn
 from ..errors import LorakitError
 from .rows import RowRouting
 
-# The stacked path is taken when the largest group of rows sharing an adapter holds at most MAX_TOKENS_PER_ADAPTER
-# tokens and the padded grid has at most MAX_PADDING times the rows routed to an adapter. Both measured on CPU
-# (benchmarks/mixed_batch.py and its layer-level skew check; docs/benchmarks.md, "Mixed-adapter batches").
+# A slot's rows join the grid when they hold at most MAX_TOKENS_PER_ADAPTER tokens, and while the padded grid keeps
+# at most MAX_PADDING times the rows it holds. Both measured on CPU (benchmarks/mixed_batch.py and its layer-level
+# skew check; docs/benchmarks.md, "Mixed-adapter batches").
 MAX_TOKENS_PER_ADAPTER = 32
 MAX_PADDING = 2.0
 
@@ -65,51 +68,64 @@ class SlotTable:
         self.version += 1
         return self.slots.pop(name)
 
-    def groups(self, routing: RowRouting, device: torch.device) -> SlotGroups:
-        """The batch's rows grouped by slot (see :class:`SlotGroups`), computed once per batch for every layer."""
-        return routing.cached(("groups", id(self), self.version, device),
-                              lambda: group_rows(routing.names, self.slots, device))
+    def plan(self, routing: RowRouting, tokens: int, device: torch.device) -> SlotPlan:
+        """The batch's :class:`SlotPlan` for rows of ``tokens`` tokens, computed once per batch for every layer."""
+        return routing.cached(("plan", id(self), self.version, tokens, device),
+                              lambda: plan_rows(routing.names, self.slots, tokens, device))
 
 
-def group_rows(names: list[str | None], slot_of: dict[str, int], device: torch.device) -> SlotGroups:
-    """Rows whose adapter has a slot in ``slot_of``, grouped by slot (the padded grid's layout)."""
-    placed = sorted((slot_of[n], row) for row, n in enumerate(names) if n in slot_of)
-    if not placed:
-        return SlotGroups(torch.empty(0, dtype=torch.long, device=device), None, 0, 0, 0, False)
-    lo, hi = placed[0][0], placed[-1][0] + 1
-    seen: dict[int, int] = {}
-    cells = []
-    for slot, _ in placed:
-        cells.append((slot - lo, seen.get(slot, 0)))
-        seen[slot] = seen.get(slot, 0) + 1
-    most = max(seen.values())
-    order = [row for _, row in placed]
-    rows = torch.tensor(order, dtype=torch.long, device=device)
-    dense = (hi - lo) * most == len(placed)  # no padding: the grid is the rows in slot order
-    index = None if dense else torch.tensor([g * most + m for g, m in cells], dtype=torch.long, device=device)
-    return SlotGroups(rows, index, lo, hi, most, order == list(range(len(names))))
+def plan_rows(names: list[str | None], slot_of: dict[str, int], tokens: int, device: torch.device,
+              max_tokens: float | None = None) -> SlotPlan:
+    """Rows whose adapter has a slot in ``slot_of``: which run alone per slot (more than ``max_tokens`` tokens,
+    default :data:`MAX_TOKENS_PER_ADAPTER`, or too many rows to pad) and which share the padded grid."""
+    limit = MAX_TOKENS_PER_ADAPTER if max_tokens is None else max_tokens
+    by_slot: dict[int, list[int]] = {}
+    for row, name in enumerate(names):
+        if name in slot_of:
+            by_slot.setdefault(slot_of[name], []).append(row)
+    alone = [s for s, rows in by_slot.items() if len(rows) * tokens > limit]
+    grid = sorted((s for s in by_slot if s not in alone), key=lambda s: len(by_slot[s]), reverse=True)
+    while grid and len(grid) * len(by_slot[grid[0]]) > MAX_PADDING * sum(len(by_slot[s]) for s in grid):
+        alone.append(grid.pop(0))  # the largest group pads the others most: it runs alone
+    grid.sort()
+    most = max((len(by_slot[s]) for s in grid), default=0)
+    order = [row for s in grid for row in by_slot[s]]
+    cells = [g * most + m for g, s in enumerate(grid) for m in range(len(by_slot[s]))]
+    dense = len(cells) == len(grid) * most
+    return SlotPlan(
+        slots=grid,
+        slot_index=torch.tensor(grid, dtype=torch.long, device=device),
+        rows=torch.tensor(order, dtype=torch.long, device=device),
+        cells=None if dense else torch.tensor(cells, dtype=torch.long, device=device),
+        most=most,
+        in_order=order == list(range(len(names))),
+        alone=[(s, torch.tensor(by_slot[s], dtype=torch.long, device=device), len(by_slot[s]) == len(names))
+               for s in sorted(alone)],
+    )
 
 
 @dataclass(frozen=True)
-class SlotGroups:
-    """A batch's rows routed to slots, in slot order.
+class SlotPlan:
+    """How one batch's rows meet their slots' factors.
 
-    ``rows``: their indices in the batch; ``cells``: each one's index in the padded ``(hi - lo) * most`` grid, or
-    ``None`` when the grid has no padding (every slot in ``lo..hi`` has ``most`` rows); ``lo, hi``: the range of slots
-    in use; ``most``: the most rows any slot has; ``in_order``: ``rows`` is the whole batch in its own order (no
-    gather or scatter needed).
+    ``slots``: the slots of the grid, ascending (``slot_index``: the same as a tensor); ``rows``: the grid's rows in
+    slot order; ``cells``: each one's index in the padded ``len(slots) * most`` grid, or ``None`` when there is no
+    padding; ``most``: the most rows any grid slot has; ``in_order``: ``rows`` is the whole batch in its own order (no
+    gather or scatter needed); ``alone``: ``(slot, rows, whole_batch)`` of the slots run one product pair each.
     """
 
+    slots: list[int]
+    slot_index: Tensor
     rows: Tensor
     cells: Tensor | None
-    lo: int
-    hi: int
     most: int
     in_order: bool
+    alone: list[tuple[int, Tensor, bool]]
 
-    def even(self) -> bool:
-        """The padded grid has at most :data:`MAX_PADDING` times the rows."""
-        return (self.hi - self.lo) * self.most <= MAX_PADDING * self.rows.numel()
+    def select(self, stacked: Tensor) -> Tensor:
+        """The grid slots' entries of ``stacked`` (one per slot): a slice when they are contiguous, else a gather."""
+        lo, hi = self.slots[0], self.slots[-1] + 1
+        return stacked[lo:hi] if hi - lo == len(self.slots) else stacked.index_select(0, self.slot_index)
 
 
 class SlotStack:
@@ -155,82 +171,74 @@ class SlotStack:
 
     def apply(self, x: Tensor, base_out: Tensor, routing: RowRouting) -> Tensor:
         """``base_out + B[s_i] A[s_i] x_i`` for every row ``i`` routed to a slot (``x``: (B, ..., d_in)); other rows
-        keep ``base_out``. The grid when few tokens share each slot and the groups are even, else per slot.
+        keep ``base_out``.
 
         Without autograd (serving) the products are added into ``base_out`` in place (the host layer's fresh output;
         only the routed rows change), saving a copy of the layer's output per kernel."""
-        if not any(n in self.members for n in routing.adapters):
+        present = {self.table.slots[n] for n in routing.adapters if n in self.members}
+        if not present:
             return base_out
-        g = self.table.groups(routing, x.device)
-        tokens = x.numel() // (x.shape[0] * x.shape[-1])  # per row
-        if g.most * tokens <= MAX_TOKENS_PER_ADAPTER and g.even():
-            return self.apply_grid(x, base_out, routing)
-        return self.apply_segments(x, base_out, routing)
-
-    def apply_grid(self, x: Tensor, base_out: Tensor, routing: RowRouting) -> Tensor:
-        """Rows grouped into the padded ``(slot, row)`` grid, two ``torch.bmm`` over the slots in use."""
-        g = self.table.groups(routing, x.device)
-        if not g.rows.numel():
-            return base_out
-        return grouped_product(x, base_out, self.a_t[g.lo:g.hi], self.b_t[g.lo:g.hi], g)
-
-    def apply_segments(self, x: Tensor, base_out: Tensor, routing: RowRouting) -> Tensor:
-        """One ``(x A^T) B^T`` per slot present in this layer, over that slot's rows (many tokens per adapter)."""
-        inplace = not torch.is_grad_enabled()
-        out = base_out
-        for name, idx in routing.groups(x.device):
-            if name not in self.members:  # not in the slots, or an adapter that does not target this layer
-                continue
-            slot = self.table.slots[name]
-            whole = idx.numel() == x.shape[0]
-            xs = x if whole else x.index_select(0, idx)
-            h = xs.to(self.a_t.dtype) @ self.a_t[slot]
-            if inplace and whole and out.dtype == h.dtype:
-                out.view(-1, out.shape[-1]).addmm_(h.view(-1, h.shape[-1]), self.b_t[slot])
-                continue
-            delta = (h @ self.b_t[slot]).to(out.dtype)
-            out = (out.add_(delta) if inplace else out + delta) if whole else _add_rows(out, idx, delta, inplace)
-        return out
+        plan = self.table.plan(routing, x.numel() // (x.shape[0] * x.shape[-1]), x.device)
+        return grouped_product(x, base_out, self.a_t, self.b_t, plan, present)
 
 
-def grouped_product(x: Tensor, base_out: Tensor, a_t: Tensor, b_t: Tensor, g: SlotGroups) -> Tensor:
-    """``base_out + B_s A_s x_i`` for the rows ``g`` groups, ``a_t (G, d_in, r)`` and ``b_t (G, r, d_out)`` being the
-    factors of slots ``g.lo .. g.hi``: the padded grid and two ``torch.bmm``. Without autograd the products are added
-    into ``base_out`` in place (``baddbmm`` straight into it when the rows are in slot order and unpadded)."""
+def grouped_product(x: Tensor, base_out: Tensor, a_t: Tensor, b_t: Tensor, plan: SlotPlan,
+                    present: set[int] | None = None) -> Tensor:
+    """``base_out + B_s A_s x_i`` for the rows ``plan`` places, ``a_t (n, d_in, r)`` and ``b_t (n, r, d_out)`` being
+    every slot's factors; slots outside ``present`` (zero in this layer) are skipped where they run alone."""
+    out = _grid(x, base_out, a_t, b_t, plan) if plan.slots else base_out
+    inplace = not torch.is_grad_enabled()
+    for slot, idx, whole in plan.alone:
+        if present is not None and slot not in present:
+            continue
+        xs = x if whole else x.index_select(0, idx)
+        h = xs.to(a_t.dtype) @ a_t[slot]
+        if inplace and whole and out.dtype == h.dtype:
+            out.view(-1, out.shape[-1]).addmm_(h.view(-1, h.shape[-1]), b_t[slot])
+            continue
+        delta = (h @ b_t[slot]).to(out.dtype)
+        out = (out.add_(delta) if inplace else out + delta) if whole else _add_rows(out, idx, delta, inplace)
+    return out
+
+
+def _grid(x: Tensor, base_out: Tensor, a_t: Tensor, b_t: Tensor, plan: SlotPlan) -> Tensor:
+    """The padded grid of the plan's grid slots and two ``torch.bmm``. Without autograd the products are added into
+    ``base_out`` in place (``baddbmm`` straight into it when the rows are in slot order and unpadded)."""
     x3 = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, T, d_in)
     tokens, d_in = x3.shape[1:]
-    n_slots = g.hi - g.lo
-    n_cells = n_slots * g.most
-    xs = (x3 if g.in_order else x3.index_select(0, g.rows)).to(a_t.dtype)
-    if g.cells is not None:  # pad uneven groups
-        xs = xs.new_zeros(n_cells, tokens, d_in).index_copy(0, g.cells, xs)
-    h = torch.bmm(xs.reshape(n_slots, g.most * tokens, d_in), a_t)  # (G, most T, r)
+    n_slots, n_cells = len(plan.slots), len(plan.slots) * plan.most
+    a_sel, b_sel = plan.select(a_t), plan.select(b_t)
+    xs = (x3 if plan.in_order else x3.index_select(0, plan.rows)).to(a_t.dtype)
+    if plan.cells is not None:  # pad uneven groups
+        xs = xs.new_zeros(n_cells, tokens, d_in).index_copy(0, plan.cells, xs)
+    h = torch.bmm(xs.reshape(n_slots, plan.most * tokens, d_in), a_sel)  # (G, most T, r)
     out = base_out.reshape(x3.shape[0], tokens, -1)
     inplace = not torch.is_grad_enabled()
-    if inplace and g.in_order and g.cells is None and out.dtype == h.dtype:
-        out.view(n_slots, g.most * tokens, -1).baddbmm_(h, b_t)  # no delta tensor at all
+    if inplace and plan.in_order and plan.cells is None and out.dtype == h.dtype:
+        out.view(n_slots, plan.most * tokens, -1).baddbmm_(h, b_sel)  # no delta tensor at all
         return base_out
-    delta = torch.bmm(h, b_t).view(n_cells, tokens, -1).to(out.dtype)  # (G most, T, d_out)
-    if g.cells is not None:
-        delta = delta.index_select(0, g.cells)
-    if g.in_order and g.cells is None and not inplace:
+    delta = torch.bmm(h, b_sel).view(n_cells, tokens, -1).to(out.dtype)  # (G most, T, d_out)
+    if plan.cells is not None:
+        delta = delta.index_select(0, plan.cells)
+    if plan.in_order and plan.cells is None and not inplace:
         return (out + delta).reshape(base_out.shape)
-    return _add_rows(out, g.rows, delta, inplace).reshape(base_out.shape)
+    return _add_rows(out, plan.rows, delta, inplace).reshape(base_out.shape)
 
 
 def apply_grouped(x: Tensor, base_out: Tensor, routing: RowRouting,
-                  factors: dict[str, tuple[Tensor, Tensor]]) -> Tensor | None:
-    """The grid for attached adapters given by their ``(B_eff, A_eff)`` (differentiable: multi-job training), ranks
-    zero-padded to the largest; ``None`` when the groups are too uneven to pad (:data:`MAX_PADDING`)."""
+                  factors: dict[str, tuple[Tensor, Tensor]]) -> Tensor:
+    """The plan and product for attached adapters given by their ``(B_eff, A_eff)`` (differentiable: multi-job
+    training), ranks zero-padded to the largest. Any number of tokens per adapter joins the grid: with autograd the
+    grid beat one product pair per adapter up to 256 tokens per adapter (layer level, docs/benchmarks.md)."""
     names = list(factors)
-    g = routing.cached(("modules", tuple(names), x.device),
-                       lambda: group_rows(routing.names, {n: i for i, n in enumerate(names)}, x.device))
-    if not g.even():
-        return None
+    tokens = x.numel() // (x.shape[0] * x.shape[-1])
+    slot_of = {n: i for i, n in enumerate(names)}
+    plan = routing.cached(("modules", tuple(names), tokens, x.device),
+                          lambda: plan_rows(routing.names, slot_of, tokens, x.device, max_tokens=float("inf")))
     r_max = max(a.shape[0] for _, a in factors.values())
     a_t = torch.stack([_pad_rank(a.t(), r_max) for _, a in factors.values()])  # (G, d_in, r_max)
     b_t = torch.stack([_pad_rank(b, r_max).t() for b, _ in factors.values()])  # (G, r_max, d_out)
-    return grouped_product(x, base_out, a_t, b_t, g)
+    return grouped_product(x, base_out, a_t, b_t, plan)
 
 
 def _pad_rank(m: Tensor, r_max: int) -> Tensor:
