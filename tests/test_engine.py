@@ -85,6 +85,30 @@ def test_greedy_in_a_mixed_continuous_batch_equals_generate_alone(make):
         assert all(o.finish_reason is None for o in out[:-1])
 
 
+@pytest.mark.parametrize("make", [zoo.tiny_llama, zoo.tiny_gpt2], ids=["llama", "gpt2"])
+@pytest.mark.parametrize("budget", [10**6, 24], ids=["one-prefill", "chunked"])
+def test_requests_prefilled_together_equal_generate_alone(make, budget, monkeypatch):
+    """Requests that arrive together are prefilled in left-padded batches (rotary and learned positions both count
+    from each prompt's first real token); a request done at its first token never joins the running batch."""
+    import lorakit.serve.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "PREFILL_TOKENS", budget)
+    model, tok = model_with_adapters(make), tiny_tokenizer()
+    prompts = ["a long prompt, padded least", "hi", "mid length", "q", "the last one here"]
+    adapters = ["b", None, "a", "c", "a"]
+    max_tokens = [6, 5, 1, 7, 4]
+    jobs = [(tok(p).input_ids, a, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+            for p, a, n in zip(prompts, adapters, max_tokens)]
+    chunks = []
+    prefill = Engine._prefill
+    monkeypatch.setattr(Engine, "_prefill", lambda self, chunk: chunks.append(len(chunk)) or prefill(self, chunk))
+    outs = run(Engine(model, tok, max_batch=8), jobs, stagger=False)
+    lengths = [len(j[0]) for j in jobs]  # 27, 2, 10, 1, 17: greedy chunks of <= 24 padded tokens
+    assert lengths == [27, 2, 10, 1, 17] and chunks == ([5] if budget > 10**5 else [1, 2, 1, 1])
+    for out, (prompt, adapter, params) in zip(outs, jobs):
+        assert tokens(out) == reference(model, prompt, adapter, params.max_tokens, True), (adapter, prompt)
+
+
 def test_adapters_do_not_interfere():
     """Changing the batch-mates' adapter weights leaves a request's output unchanged (and the routed adapter
     matters: the same prompt under another adapter differs)."""

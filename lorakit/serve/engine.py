@@ -1,14 +1,16 @@
 """Continuous-batching generation over one base model and many adapters (S-LoRA, METHODS.md entry 65).
 
-Every loop iteration (:meth:`Engine.step`) first admits waiting requests, each prefilled alone with its own adapter
-and joined to the running batch, then runs **one decode step for all running requests together**, each row routed
-to its own adapter (``lorakit.route``: the segment path, or the adapter pool's stacked path when it is installed).
+Every loop iteration (:meth:`Engine.step`) first admits waiting requests, prefilled together (left-padded, at most
+:data:`PREFILL_TOKENS` padded tokens per forward, each row with its own adapter) and joined to the running batch, then
+runs **one decode step for all running requests together**, each row routed to its own adapter (``lorakit.route``:
+the segment path, or the adapter pool's stacked path when it is installed).
 Requests leave the batch the step they finish, so the batch changes at token granularity (S-LoRA section 3 /
 Orca's iteration-level scheduling). The waiting queue is bounded: :meth:`Engine.submit` raises
 :class:`QueueFullError` rather than letting a burst grow memory without limit.
 
 Assumptions where the paper leaves it open: first-come first-served admission; a request whose adapter cannot be
-made resident (pool full of adapters in use) waits at the head of the queue; prefill runs one request at a time.
+made resident (pool full of adapters in use) waits at the head of the queue; a batched prefill takes the admitted
+requests in arrival order.
 """
 from __future__ import annotations
 
@@ -32,6 +34,8 @@ from .metrics import Metrics
 from .sampling import SamplingParams, TextStream, make_generator, sample
 
 log = logging.getLogger(__name__)
+
+PREFILL_TOKENS = 512  # padded prompt tokens (rows x longest prompt) per batched prefill forward
 
 
 class QueueFullError(LorakitError):
@@ -222,7 +226,8 @@ class Engine:
             self._remove(gone)
 
     def _admit(self) -> None:
-        while len(self._running) < self.max_batch and self._waiting:
+        admitted: list[Request] = []
+        while len(self._running) + len(admitted) < self.max_batch and self._waiting:
             with self._cond:
                 request = self._waiting[0]
             names = [request.adapter] if request.adapter is not None else []
@@ -231,31 +236,44 @@ class Engine:
                     raise UnknownAdapterError(f"adapter {request.adapter!r} was unregistered")
                 self.adapters.acquire(names)
             except LorakitError as exc:
-                if self._running and not isinstance(exc, UnknownAdapterError):
-                    return  # no slot for its adapter now: wait for running requests to release theirs
+                if (self._running or admitted) and not isinstance(exc, UnknownAdapterError):
+                    break  # no slot for its adapter now: wait for running requests to release theirs
                 with self._cond:
                     self._waiting.popleft()
                 request.sink(Output(f"adapter {request.adapter!r} cannot be served: {exc}", [], "error"))
                 continue
             with self._cond:
                 self._waiting.popleft()
+            admitted.append(request)
+        for chunk in _chunks(admitted, PREFILL_TOKENS):
             try:
-                self._prefill(request)
+                self._prefill(chunk)
             except Exception:
-                log.exception("prefill of request %d failed", request.id)
-                self._finish(request, "", "error")
+                log.exception("prefill of requests %s failed", [r.id for r in chunk])
+                for request in chunk:
+                    self._finish(request, "", "error")
 
-    def _prefill(self, request: Request) -> None:
-        request.stream = TextStream(self.tokenizer, request.params.stop)
-        request.generator = make_generator(request.params.seed, self.device)
-        ids = torch.tensor([request.prompt_ids], device=self.device)
+    def _prefill(self, chunk: list[Request]) -> None:
+        """One forward over the chunk's prompts, left-padded, each row routed to its request's adapter."""
+        width = max(len(r.prompt_ids) for r in chunk)
+        ids = torch.zeros(len(chunk), width, dtype=torch.long, device=self.device)  # padding: masked out
+        mask = torch.zeros_like(ids)
+        for row, request in enumerate(chunk):
+            request.stream = TextStream(self.tokenizer, request.params.stop)
+            request.generator = make_generator(request.params.seed, self.device)
+            n = len(request.prompt_ids)
+            ids[row, width - n:] = torch.tensor(request.prompt_ids, device=self.device)
+            mask[row, width - n:] = 1
+        positions = (mask.cumsum(1) - 1).clamp_min(0)
         cache = DynamicCache(config=self.model.config)
-        with route(self.model, [request.adapter]):
-            out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        self.metrics.inc("prompt_tokens_total", len(request.prompt_ids), help="prompt tokens prefilled")
-        if not self._emit(request, out.logits[0, -1]):
-            self._running.append(request)
-            self._kv.join(out.past_key_values, len(request.prompt_ids))
+        with route(self.model, [r.adapter for r in chunk]):
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                             use_cache=True, logits_to_keep=1)
+        self.metrics.inc("prompt_tokens_total", int(mask.sum()), help="prompt tokens prefilled")
+        going = [row for row, request in enumerate(chunk) if not self._emit(request, out.logits[row, -1])]
+        if going:
+            self._running.extend(chunk[row] for row in going)
+            self._kv.join(out.past_key_values, mask, going)
 
     def _decode(self) -> None:
         last = torch.tensor([[r.generated[-1]] for r in self._running], device=self.device)
@@ -336,3 +354,18 @@ def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
         elif value is not None:
             ids.update(value)
     return ids
+
+
+def _chunks(requests: list[Request], budget: int) -> list[list[Request]]:
+    """Consecutive groups of ``requests`` whose padded prompts (rows x longest) fit ``budget`` (one at least)."""
+    chunks: list[list[Request]] = []
+    longest = 0
+    for request in requests:
+        n = len(request.prompt_ids)
+        if chunks and (len(chunks[-1]) + 1) * max(longest, n) <= budget:
+            chunks[-1].append(request)
+            longest = max(longest, n)
+        else:
+            chunks.append([request])
+            longest = n
+    return chunks

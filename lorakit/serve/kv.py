@@ -1,8 +1,8 @@
 """The running batch's key/value cache: sequences join and leave between decode steps.
 
-Each sequence is prefilled alone (its own transformers ``DynamicCache``); joining the batch left-pads either the
-batch's cache or the newcomer's to a common length and stacks them on the batch axis, with a 2-D attention mask whose
-zeros hide the padding (the same layout as transformers' left-padded batched generation). A sequence leaves by
+Newcomers are prefilled together, left-padded (one transformers ``DynamicCache``); joining the batch left-pads either
+the batch's cache or the newcomers' to a common length and stacks them on the batch axis, with a 2-D attention mask
+whose zeros hide the padding (the same layout as transformers' left-padded batched generation). A sequence leaves by
 selecting the other rows; columns that became padding for every row are trimmed. Positions are tracked per row, so
 rotary or learned position embeddings see each sequence's own positions, never the padded column index.
 
@@ -75,13 +75,15 @@ class BatchKV:
     def _tensors(cache: Cache) -> list[tuple[Tensor, Tensor]]:
         return [(layer.keys, layer.values) for layer in cache.layers]
 
-    def join(self, cache: DynamicCache, length: int) -> None:
-        """Append one prefilled sequence (its cache holds ``length`` tokens, batch size 1) as the last row."""
-        new = [(k, v) for k, v, *_ in cache]
-        device = new[0][0].device
-        row_mask = torch.ones(1, length, dtype=torch.long, device=device)
+    def join(self, cache: DynamicCache, mask: Tensor, rows: list[int]) -> None:
+        """Append rows ``rows`` of a prefilled batch as the last rows: its cache and its left-padded ``(k, L)``
+        attention mask (1 = real token)."""
+        index = torch.tensor(rows, device=mask.device)
+        new = [(k.index_select(0, index), v.index_select(0, index)) for k, v, *_ in cache]
+        row_mask = mask.index_select(0, index).long()
+        length = row_mask.shape[1]
         if self.cache is None:
-            self.cache, self.mask, self.positions = _cache(new), row_mask, [length]
+            self.cache, self.mask, self.positions = _cache(new), row_mask, row_mask.sum(1).tolist()
             return
         old, width = self._tensors(self.cache), self.mask.shape[1]
         total = max(width, length)
@@ -90,7 +92,7 @@ class BatchKV:
                   for (k0, v0), (k1, v1) in zip(old, new)]
         self.cache = _cache(merged)
         self.mask = torch.cat([F.pad(self.mask, (total - width, 0)), F.pad(row_mask, (total - length, 0))])
-        self.positions.append(length)
+        self.positions.extend(row_mask.sum(1).tolist())
 
     def keep(self, rows: list[int]) -> None:
         """Keep only ``rows`` (in this order); trims the columns that are padding for every remaining row."""
