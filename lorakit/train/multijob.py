@@ -2,11 +2,13 @@
 one frozen base model (mLoRA / LoRAFusion, METHODS.md entry 66).
 
 Every step packs the micro-batches of every unfinished job into *mixed* forward passes of at most ``max_tokens``
-padded tokens, runs the model once per pass with each row routed to its job's adapter (:func:`lorakit.route`, the
-host layers' segment path), then hands each job the logits of its own rows for its own task's loss. The frozen base
-layers run one GEMM over all jobs' rows instead of one per job: that is where the speed comes from, while the jobs'
-micro-batches are too small to keep the hardware busy (LoRAFusion's multi-job batching; its bin packing is reduced
-here to a greedy fill by length, and its fused kernels and pipeline staggering are not reproduced).
+padded tokens, runs the model once per pass with each row routed to its job's adapter (:func:`lorakit.route`: one
+grouped product per layer over the jobs' stacked factors when every adapter is exactly ``B_eff A_eff``, see
+:func:`~lorakit.routing.stacked.apply_grouped`, else one adapter call per job's rows), then hands each job the logits
+of its own rows for its own task's loss. The frozen base layers run one GEMM over all jobs' rows instead of one per
+job: that is where the speed comes from, while the jobs' micro-batches are too small to keep the hardware busy
+(LoRAFusion's multi-job batching; its bin packing is reduced here to a greedy fill by length, its fused kernel to the
+grouped ``bmm`` pair, and its pipeline staggering is not reproduced).
 
 Each job's result equals training it alone (LoRAFusion's testable property: "multi-adapter training in one batch
 gives adapter i the same gradients as training it alone on its own samples"), because
@@ -186,9 +188,9 @@ def _model_tensors(model: nn.Module) -> dict[str, Tensor]:
 
 
 # Padded tokens per mixed forward pass, by device type. On CPU, mixing stops paying at about 256 tokens a pass: the
-# GEMMs are already efficient and the segment path's gathers, scatters and unfused adapters cost more than the saved
-# per-pass overhead (benchmarks/multijob.py, docs/benchmarks.md). Elsewhere (GPUs: mLoRA's and LoRAFusion's setting)
-# every job's micro-batch joins one pass; not measured here.
+# GEMMs are already efficient, so only the per-pass overhead is saved, and larger mixed activations fall out of cache
+# (4 jobs x 256 tokens in one pass: 0.92x of running them apart; benchmarks/multijob.py, docs/benchmarks.md).
+# Elsewhere (GPUs: mLoRA's and LoRAFusion's setting) every job's micro-batch joins one pass; not measured here.
 MAX_TOKENS: dict[str, int] = {"cpu": 256}
 
 
