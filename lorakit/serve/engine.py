@@ -281,6 +281,7 @@ class Engine:
         with route(self.model, [r.adapter for r in self._running]):
             out = self.model(input_ids=last, attention_mask=mask, position_ids=positions,
                              past_key_values=self._kv.cache, use_cache=True)
+        self._kv.step_done()
         logits = out.logits[:, -1]
         done = [i for i, request in enumerate(self._running) if self._emit(request, logits[i])]
         if done:
