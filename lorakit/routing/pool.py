@@ -102,7 +102,7 @@ class AdapterPool:
                     b_eff, a_eff = host.adapters[name].factors()
                     if host.stack is None or host.stack.table is not self._table:
                         host.stack = SlotStack(self._table, host.geometry.d_in, host.geometry.d_out, a_eff)
-                    entry.factors[host.path] = (_host_copy(b_eff), _host_copy(a_eff))
+                    entry.factors[host.path] = (_to_host(b_eff), _to_host(a_eff))
                 entry.tensors = {}
                 delete_adapter(self.model, name)  # the layers stay: their slot stacks keep them
             self._entries[name] = entry
@@ -255,6 +255,7 @@ class AdapterPool:
         self._table.free(name)
 
 
-def _host_copy(factor: Tensor) -> Tensor:
-    """``factor`` detached into host memory, owning its storage."""
-    return factor.detach().to("cpu", copy=True)
+def _to_host(factor: Tensor) -> Tensor:
+    """``factor`` detached, in host memory; no copy when it is there already (the adapter it came from is deleted
+    right after, so the file's tensors are copied once, into the validating adapter)."""
+    return factor.detach().to("cpu")
