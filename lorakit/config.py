@@ -16,6 +16,12 @@ from .errors import require
 ALL_LINEAR = "all-linear"
 
 
+def require_rank_and_alpha(r: Any, alpha: Any) -> None:
+    """The common check of a low-rank config: ``r`` a positive integer, ``alpha`` a positive number."""
+    require(isinstance(r, int) and r >= 1, "r", r, "must be a positive integer")
+    require(isinstance(alpha, (int, float)) and alpha > 0, "alpha", alpha, "must be > 0")
+
+
 def _freeze(value: Any) -> Any:
     if isinstance(value, list):
         return tuple(value)

@@ -24,8 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import AdapterConfig
-from ..errors import require
+from ..config import AdapterConfig, require_rank_and_alpha
 from ..hosts.backend import DenseBackend
 from ..hosts.geometry import ConvGeometry, Geometry, per_unit
 from .base import Adapter, Capabilities, base_product, register_method
@@ -46,8 +45,7 @@ class CpLoraConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require(isinstance(self.r, int) and self.r >= 1, "r", self.r, "must be a positive integer")
-        require(isinstance(self.alpha, (int, float)) and self.alpha > 0, "alpha", self.alpha, "must be > 0")
+        require_rank_and_alpha(self.r, self.alpha)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from typing import ClassVar, Mapping
 import torch
 from torch import Tensor, nn
 
-from ..config import AdapterConfig, pattern_value
+from ..config import AdapterConfig, pattern_value, require_rank_and_alpha
 from ..errors import require
 from ..hosts.backend import DenseBackend
 from ..hosts.geometry import Geometry
@@ -58,8 +58,7 @@ class GatedLoraConfig(AdapterConfig):
         super().__post_init__()
         if not self.init:
             object.__setattr__(self, "init", self.default_init)
-        require(isinstance(self.r, int) and self.r >= 1, "r", self.r, "must be a positive integer")
-        require(isinstance(self.alpha, (int, float)) and self.alpha > 0, "alpha", self.alpha, "must be > 0")
+        require_rank_and_alpha(self.r, self.alpha)
         require(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "must be in [0, 1)")
         require(self.init in GATED_INITS, "init", self.init, f"must be one of {GATED_INITS}")
         for key, r in self.rank_pattern.items():

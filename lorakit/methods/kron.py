@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..config import AdapterConfig
+from ..config import AdapterConfig, require_rank_and_alpha
 from ..errors import require
 from ..hosts.backend import DenseBackend
 from ..hosts.geometry import ConvGeometry, Geometry
@@ -53,8 +53,7 @@ class KronConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require(isinstance(self.r, int) and self.r >= 1, "r", self.r, "must be a positive integer")
-        require(isinstance(self.alpha, (int, float)) and self.alpha > 0, "alpha", self.alpha, "must be > 0")
+        require_rank_and_alpha(self.r, self.alpha)
         require(isinstance(self.decompose_factor, int) and (self.decompose_factor == -1 or self.decompose_factor >= 1),
                 "decompose_factor", self.decompose_factor, "must be -1 or a positive integer")
         require(self.init in KRON_INITS, "init", self.init, f"must be one of {', '.join(KRON_INITS)}")

@@ -16,8 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..config import AdapterConfig
-from ..errors import require
+from ..config import AdapterConfig, require_rank_and_alpha
 from .base import register_method
 from .diagonal import FrozenBasesDiagonal
 
@@ -36,8 +35,7 @@ class LolduConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require(isinstance(self.r, int) and self.r >= 1, "r", self.r, "must be a positive integer")
-        require(isinstance(self.alpha, (int, float)) and self.alpha > 0, "alpha", self.alpha, "must be > 0")
+        require_rank_and_alpha(self.r, self.alpha)
 
 
 def ldu(w: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import AdapterConfig
+from ..config import AdapterConfig, require_rank_and_alpha
 from ..errors import ConfigError, require
 from ..hosts.backend import DenseBackend
 from ..hosts.geometry import Geometry
@@ -57,8 +57,7 @@ class MosConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require(isinstance(self.r, int) and self.r >= 1, "r", self.r, "must be a positive integer")
-        require(isinstance(self.alpha, (int, float)) and self.alpha > 0, "alpha", self.alpha, "must be > 0")
+        require_rank_and_alpha(self.r, self.alpha)
         require(isinstance(self.shards, int) and self.shards >= 1, "shards", self.shards, "must be a positive integer")
         require(isinstance(self.pool_size, int) and self.pool_size >= 1, "pool_size", self.pool_size,
                 "must be a positive integer")

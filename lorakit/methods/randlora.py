@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import AdapterConfig
+from ..config import AdapterConfig, require_rank_and_alpha
 from ..errors import require
 from ..hosts.backend import DenseBackend
 from ..hosts.geometry import Geometry
@@ -57,8 +57,7 @@ class RandLoraConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require(isinstance(self.r, int) and self.r >= 1, "r", self.r, "must be a positive integer")
-        require(isinstance(self.alpha, (int, float)) and self.alpha > 0, "alpha", self.alpha, "must be > 0")
+        require_rank_and_alpha(self.r, self.alpha)
         require(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "must be in [0, 1)")
         require(isinstance(self.projection_prng_key, int), "projection_prng_key", self.projection_prng_key,
                 "must be an integer")

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import AdapterConfig
+from ..config import AdapterConfig, require_rank_and_alpha
 from ..errors import require
 from ..hosts.backend import DenseBackend
 from ..hosts.geometry import Geometry
@@ -49,8 +49,7 @@ class S2LoraConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require(isinstance(self.r, int) and self.r >= 1, "r", self.r, "must be a positive integer")
-        require(isinstance(self.alpha, (int, float)) and self.alpha > 0, "alpha", self.alpha, "must be > 0")
+        require_rank_and_alpha(self.r, self.alpha)
         require(isinstance(self.init_std, (int, float)) and self.init_std > 0, "init_std", self.init_std, "must be > 0")
         require(isinstance(self.seed, int), "seed", self.seed, "must be an integer")
         require(isinstance(self.l1, (int, float)) and self.l1 >= 0, "l1", self.l1, "must be >= 0")

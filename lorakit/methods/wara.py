@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..config import AdapterConfig
+from ..config import AdapterConfig, require_rank_and_alpha
 from ..errors import require
 from ..hosts.backend import DenseBackend
 from ..hosts.geometry import Geometry
@@ -45,8 +45,7 @@ class WaraConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require(isinstance(self.r, int) and self.r >= 1, "r", self.r, "must be a positive integer")
-        require(isinstance(self.alpha, (int, float)) and self.alpha > 0, "alpha", self.alpha, "must be > 0")
+        require_rank_and_alpha(self.r, self.alpha)
 
 
 def haar(v: Tensor) -> Tensor:
