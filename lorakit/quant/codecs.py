@@ -139,6 +139,10 @@ class BitsandbytesCodec(Codec):
                                 compute_dtype=w.dtype, compress_statistics=True, quant_type=scheme, device="meta")
         out.weight = self._params(w, scheme, block, out)
         out.bias = _frozen(linear.bias)
+        # Linear4bit's eval path on AVX512-BF16 CPUs repacks the stored weight in place (bitsandbytes 0.49-0.50),
+        # which fails for inputs that are not a whole number of blocks ("shape '[n, 0]' is invalid") and changes
+        # what dequantize/requantize read: the stored form stays the one on every machine.
+        out.support_avx512bf16_for_cpu = False
         return out
 
     def holds(self, module: nn.Module) -> bool:
@@ -149,7 +153,7 @@ class BitsandbytesCodec(Codec):
         import bitsandbytes.functional as bf
 
         data, state = module.weight.data, module.weight.quant_state
-        if getattr(state, "packing_format_for_cpu", False):  # repacked by Linear4bit's eval path on AVX512-BF16 CPUs
+        if getattr(state, "packing_format_for_cpu", False):  # a Linear4bit made elsewhere, repacked on its eval path
             data, state = bf._convert_weight_packed_for_cpu_inverse(data, state)
         return bf.dequantize_4bit(data, state).to(module.compute_dtype or state.dtype)
 
