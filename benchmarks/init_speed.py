@@ -5,7 +5,7 @@ model (the copy is not timed); variants alternate every repetition. EVA and LoRA
 (``--batches`` of 4 x 64 random tokens); PEFT runs ``preprocess_loraga`` / ``initialize_lora_eva_weights`` (which
 cycles over the batches until its incremental SVD converges, so with several random batches it may never stop;
 default 1 batch; lorakit makes one pass). lorakit's LoRA-GA gathers as many layers' gradients per pass as fit in
-``lorakit.init.data.GRADIENT_BUDGET`` (1 GiB: one pass for these models, as PEFT); "8 per pass" bounds the
+``lorakit.data_init.GRADIENT_BUDGET`` (1 GiB: one pass for these models, as PEFT); "8 per pass" bounds the
 gradient memory more tightly. "eva (niter=4)" computes only the top eigenpairs (randomized subspace iteration).
 
     python benchmarks/init_speed.py [--reps 3] [--threads 2] [--smollm2] [--only eva,"eva (niter=4)"]

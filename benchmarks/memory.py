@@ -29,9 +29,9 @@ import torch
 from torch import nn
 
 import lorakit
+from lorakit.hooks import HookList
 from lorakit.optim import build_optimizer
 from lorakit.optim.lisa import LISA
-from lorakit.train.hooks import HookList
 from lorakit.train.model import load_model
 
 METHODS = ("lora", "full-adamw", "galore", "galore-per-layer", "fira", "lisa", "qlora-torchao",

@@ -20,7 +20,7 @@ from common import interleaved_medians, peak_bytes, step_parser, tiny_llama
 from torch import nn
 
 import lorakit
-from lorakit.quant.codecs import storage_bits
+from lorakit.hosts.codecs import storage_bits
 from lorakit.quant.model import bits_per_parameter, quantized_layers
 
 VARIANTS = ("lora-fp32", "lora-bf16", "qlora-torchao-bf16", "qlora-bitsandbytes-bf16", "qlora-torchao-fp32",

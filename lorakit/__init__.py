@@ -5,10 +5,11 @@
     ...train...
     lorakit.save_adapter(model, "out/")
 """
+from . import rank  # noqa: F401  (registers the rank-allocation methods' training rules)
 from .config import AdapterConfig
 from .errors import AdapterFileError, ConfigError, LorakitError, TargetError
 from .init import INITS
-from .init.data import initialize
+from .data_init import initialize
 from .inject import (
     active_adapters,
     adapt,
@@ -51,8 +52,8 @@ from .methods.sora import SoraConfig
 from .methods.svfit import SvfitConfig
 from .methods.tlora import TloraConfig
 from .methods.wara import WaraConfig
+from .pool import AdapterPool
 from .quant.model import quantize, rounding_errors
-from .routing.pool import AdapterPool
 
 __version__ = "0.1.0"
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from .config import AdapterConfig
 from .errors import LorakitError, require
-from .hosts.host import HostLayer
+from .hosts.host import HostLayer, hosts
 from .methods.base import METHODS, Adapter, SharedState
 from .routing.rows import RowRouting
 from .targeting import find_targets
@@ -28,7 +28,7 @@ def configs(model: nn.Module) -> dict[str, AdapterConfig]:
 
 
 SHARED = "lorakit_shared"
-POOL = "_lorakit_pool"  # key, in ``model.__dict__``, of the model's AdapterPool (see lorakit.routing.pool)
+POOL = "_lorakit_pool"  # key, in ``model.__dict__``, of the model's AdapterPool (see lorakit.pool)
 
 
 def shared_states(model: nn.Module) -> dict[str, SharedState]:
@@ -46,12 +46,6 @@ def _drop_shared(model: nn.Module, name: str | None) -> None:
         del container[name]
     if name is None or not len(container):
         del model._modules[SHARED]
-
-
-def hosts(model: nn.Module) -> Iterator[HostLayer]:
-    for module in model.modules():
-        if isinstance(module, HostLayer):
-            yield module
 
 
 def _replace(model: nn.Module, path: str, new: nn.Module) -> None:

@@ -12,6 +12,7 @@ from test_catalogue_a import adapted, n_trainable
 from zoo import Net
 
 import lorakit
+from lorakit.hooks import training_hooks
 
 
 # -- WaRA -----------------------------------------------------------------------------------------------------------
@@ -125,8 +126,8 @@ def test_loca_probes_read_the_dct_of_the_weight_gradient_without_changing_the_ou
 
 
 def test_loca_location_step_moves_a_coefficient_towards_the_target_frequency():
-    from lorakit.optim.loca_locations import LocaLocations
-    from lorakit.train.hooks import HookList
+    from lorakit.hooks import HookList
+    from lorakit.methods.loca import LocaLocations
 
     torch.manual_seed(0)
     model = lorakit.adapt(Net(torch.nn.Linear(12, 10)), lorakit.build_config("loca", n=1, targets=["layer"]))
@@ -158,10 +159,9 @@ def test_loca_relocation_never_stacks_two_coefficients_on_one_frequency():
 
 
 def test_loca_asks_for_its_location_hook_only_when_locations_move():
-    loca_cls = lorakit.METHODS.get("loca")[0]
-    hooks = loca_cls.training_hooks(lorakit.build_config("loca", relocate_every=5), "default", 100)
+    hooks = training_hooks(lorakit.build_config("loca", relocate_every=5), "default", 100)
     assert [(type(h).__name__, h.every, h.until) for h in hooks] == [("LocaLocations", 5, 50)]
-    assert loca_cls.training_hooks(lorakit.build_config("loca", relocate_every=0), "default", 100) == []
+    assert training_hooks(lorakit.build_config("loca", relocate_every=0), "default", 100) == []
 
 
 def _seeded_linear() -> torch.nn.Linear:

@@ -11,9 +11,11 @@ from torch import nn
 from zoo import tiny_llama
 
 import lorakit
+from lorakit.hooks import training_hooks
 from lorakit.inject import configs, hosts
 from lorakit.io.export import export_lora
-from lorakit.rank.dylora import DyLoraSampler, at_rank, truncate
+from lorakit.methods.dylora import DyLoraSampler
+from lorakit.rank.dylora import at_rank, truncate
 
 
 # -- DyLoRA ----------------------------------------------------------------------------------------------------
@@ -75,7 +77,7 @@ def test_dylora_frozen_mode_updates_only_the_sampled_rank() -> None:
 
 def test_dylora_sampler_draws_ranks_in_range_and_the_trainer_gets_it(tmp_path: Path) -> None:
     dy = adapted("dylora", r=6, r_min=2)
-    sampler = lorakit.METHODS.get("dylora")[0].training_hooks(configs(dy)["default"], "default", 10)[0]
+    sampler = training_hooks(configs(dy)["default"], "default", 10)[0]
     assert isinstance(sampler, DyLoraSampler)
     drawn = []
     for step in range(40):

@@ -213,7 +213,7 @@ def test_bad_requests_are_refused_with_clear_errors():
 def test_adapter_pool_with_fewer_slots_than_adapters_equals_generate(tmp_path):
     """Adapters registered from disk in an AdapterPool of capacity 2 serve 3 adapters: requests whose adapter has no
     free slot wait until one is released, and every output still equals solo generate."""
-    from lorakit.routing.pool import AdapterPool
+    from lorakit.pool import AdapterPool
 
     source, tok = model_with_adapters(), tiny_tokenizer()
     for name in ("a", "b", "c"):

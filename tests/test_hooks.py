@@ -11,8 +11,8 @@ from test_finetune import adapter, lm_options
 from torch import nn
 
 from lorakit.errors import ConfigError, LorakitError
+from lorakit.hooks import HookList, TrainingHook, optimized_parameters, replace_parameter
 from lorakit.optim import build_optimizer
-from lorakit.train.hooks import HookList, TrainingHook, optimized_parameters, replace_parameter
 from lorakit.train.loop import StepResult, Trainer
 from lorakit.train.run import finetune
 

@@ -218,7 +218,7 @@ def test_eva_reads_all_layers_in_one_pass_per_batch_and_siblings_share_their_inp
 def test_layers_sharing_an_input_share_one_gram_and_changing_sharing_stays_exact():
     """q/k/v (and gate/up) read one tensor: one Gram object for them; a layer pair that shares its input in one
     batch but not the next gets separate, exact sums."""
-    from lorakit.init.data import _input_grams
+    from lorakit.data_init import _input_grams
 
     class Branchy(nn.Module):
         def __init__(self) -> None:
@@ -274,7 +274,7 @@ def test_eva_randomized_top_k_matches_the_exact_eigendecomposition(whiten):
 
 def test_lora_ga_default_passes_fill_the_gradient_budget(monkeypatch):
     """Without ``layers_per_pass`` a pass holds as many layers' float32 gradients as fit in the byte budget."""
-    import lorakit.init.data as data_module
+    import lorakit.data_init as data_module
 
     model = lorakit.adapt(MLP(), lorakit.LoraConfig(r=2, init="lora-ga", targets=["up", "down"]))
     layers = list(lorakit.inject.hosts(model))  # up: 8 x 6, down: 4 x 8 -> 192 and 128 bytes of float32

@@ -12,9 +12,9 @@ from test_finetune import adapter, lm_options
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lorakit.errors import ConfigError
+from lorakit.hooks import HookList
 from lorakit.optim import build_optimizer
 from lorakit.optim.lisa import LISA
-from lorakit.train.hooks import HookList
 from lorakit.train.run import finetune
 
 

@@ -11,7 +11,7 @@ from test_finetune import adapter, lm_options
 
 from lorakit.errors import ConfigError, LorakitError
 from lorakit.inject import hosts
-from lorakit.optim.method_rules import LamdaFreeze
+from lorakit.methods.lamda import LamdaFreeze
 from lorakit.train.loop import StepResult, Trainer
 from lorakit.train.run import finetune
 
@@ -39,7 +39,7 @@ def test_lamda_stops_training_b_at_its_step_and_frees_its_state(model_dir: Path,
     layers = seen[0][1]
     assert layers > 0 and seen[0] == (2 * layers, layers) and seen[1] == (layers, 0) and seen[3] == (layers, 0)
     with pytest.raises(LorakitError, match="after the freeze"):
-        LamdaFreeze().load_state_dict({"frozen": 3}, torch.nn.Linear(1, 1))
+        LamdaFreeze("default").load_state_dict({"frozen": 3}, torch.nn.Linear(1, 1))
 
 
 def test_mosa_trains_only_the_sampled_modules_and_ends_complete(model_dir: Path, texts: Path, tmp_path: Path) -> None:

@@ -15,7 +15,8 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 import lorakit
 from lorakit.cli import main
 from lorakit.errors import LorakitError
-from lorakit.methods.base import METHODS, build_config
+from lorakit.hooks import training_hooks
+from lorakit.methods.base import build_config
 from lorakit.train.data import read_records
 from lorakit.train.errors import DataError, TrainingError
 from lorakit.train.jobs import read_jobs
@@ -44,7 +45,7 @@ JOBS = {
 
 
 def _hooks(config: object, name: str, steps: int) -> list:
-    return METHODS.get(config.method)[0].training_hooks(config, name, steps)
+    return training_hooks(config, name, steps)
 
 
 def _job_data(model_dir: Path, data: dict[str, Path], name: str) -> tuple:

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from zoo import perturb, tiny_llama
 
 import lorakit
-import lorakit.routing.pool as pool_module
+import lorakit.pool as pool_module
 from lorakit.io.adapter_files import CONFIG_FILE, WEIGHTS_FILE
 
 peft = pytest.importorskip("peft")  # a dev dependency: always installed by `make test`

@@ -15,6 +15,7 @@ from zoo import tiny_llama
 
 import lorakit
 from lorakit.errors import ConfigError, LorakitError
+from lorakit.hooks import HookList, TrainingHook
 from lorakit.inject import configs, hosts
 from lorakit.io.export import export_lora
 from lorakit.rank import ranks_of, total_rank
@@ -24,7 +25,6 @@ from lorakit.rank.flexora import FlexoraHook
 from lorakit.rank.importance import orthogonality
 from lorakit.rank.increlora import IncreLoraHook
 from lorakit.rank.sora import SoraHook, soft_threshold
-from lorakit.train.hooks import HookList, TrainingHook
 from lorakit.train.loop import StepResult, Trainer
 from lorakit.train.run import finetune
 
@@ -49,7 +49,7 @@ def optimizer_of(model: nn.Module, lr: float = 0.05) -> torch.optim.Optimizer:
 
 def run(model: nn.Module, hooks: TrainingHook, optimizer: torch.optim.Optimizer, steps: int, start: int = 0,
         each=None) -> None:
-    """The trainer's call order (see lorakit.train.hooks), in a plain loop."""
+    """The trainer's call order (see lorakit.hooks), in a plain loop."""
     hooks.on_train_begin(model, optimizer)
     for step in range(start, start + steps):
         hooks.before_forward(model, step)

@@ -9,11 +9,11 @@ from zoo import Net
 
 import lorakit
 from lorakit.errors import ConfigError, LorakitError
+from lorakit.hooks import HookList
 from lorakit.inject import hosts
 from lorakit.optim import build_optimizer
 from lorakit.rank.ggpo import GgpoHook
 from lorakit.rank.pego import PegoHook, pego_penalty
-from lorakit.train.hooks import HookList
 
 LR, BETAS, EPS = 0.1, (0.9, 0.999), 1e-8
 

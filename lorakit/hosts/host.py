@@ -6,7 +6,7 @@ backend (how the frozen weight is stored and applied), adapters (instances of re
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -17,6 +17,7 @@ from ..routing.stacked import SlotStack, apply_grouped, stackable
 from .geometry import Geometry, geometry_of, mix_units, per_unit
 from .quantized import backend_for
 
+A = TypeVar("A", bound=nn.Module)
 _UNMERGE_TOLERANCE = 1e-4  # relative error allowed when undoing a merged output map (see HostLayer.merge)
 
 
@@ -214,3 +215,15 @@ def _solve_units(mix: Tensor, weight: Tensor) -> Tensor:
     """``M^-1 W`` over the output units (rows) of a canonical weight, in float64 (``nan`` where ``M`` is singular)."""
     rows, info = torch.linalg.solve_ex(mix, weight.double().reshape(weight.shape[0], -1))
     return rows.reshape(weight.shape) if int(info) == 0 else torch.full_like(weight, float("nan"))
+
+
+def hosts(model: nn.Module) -> Iterator[HostLayer]:
+    """Every host layer of ``model``, in module order."""
+    for module in model.modules():
+        if isinstance(module, HostLayer):
+            yield module
+
+
+def adapters_named(model: nn.Module, name: str, kind: type[A] = nn.Module) -> list[tuple[HostLayer, A]]:
+    """``(host, adapter)`` for adapter ``name`` on every host layer of ``model`` that has one of class ``kind``."""
+    return [(h, h.adapters[name]) for h in hosts(model) if name in h.adapters and isinstance(h.adapters[name], kind)]

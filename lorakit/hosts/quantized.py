@@ -2,7 +2,7 @@
 
     Y = X dequant(W_q)^T + sum of the adapters' contributions        (QLoRA eq. 5, in the input's dtype)
 
-The host layer's base module is a frozen quantised ``nn.Linear`` made by a codec (:mod:`lorakit.quant.codecs`:
+The host layer's base module is a frozen quantised ``nn.Linear`` made by a codec (:mod:`lorakit.hosts.codecs`:
 torchao NF4, bitsandbytes NF4/FP4, lorakit k-bit); its own forward runs the library's kernel. Methods see the same
 API as on a dense base: ``weight()`` is the *dequantised* weight (computed on every call, never cached, so the
 memory stays 4-bit), and ``set_weight`` requantises (merging into a quantised base: dequantise, add, requantise).
@@ -16,8 +16,8 @@ import logging
 import torch
 from torch import Tensor, nn
 
-from ..quant.codecs import Codec, codec_of
 from .backend import DenseBackend
+from .codecs import Codec, codec_of
 
 log = logging.getLogger(__name__)
 

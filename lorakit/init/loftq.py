@@ -4,8 +4,8 @@
 
 The base becomes ``Q_T`` and the adapter starts at ``B_T, A_T``, so ``||W - Q_T - s B_T A_T||`` is what the
 adapted model's initial weight misses; it does not increase with ``iters`` (the iteration is LQ-LoRA's,
-:func:`lorakit.quant.lq_lora.decompose`, which keeps the best iterate). ``quant`` is a real codec of
-:mod:`lorakit.quant.codecs` (``backend``: ``"lorakit"`` k-bit codebook, ``"torchao"`` or ``"bitsandbytes"`` NF4)
+:func:`lorakit.init.alternating.decompose`, which keeps the best iterate). ``quant`` is a real codec of
+:mod:`lorakit.hosts.codecs` (``backend``: ``"lorakit"`` k-bit codebook, ``"torchao"`` or ``"bitsandbytes"`` NF4)
 with ``scheme`` and ``block``. The dense backend stores the dequantised ``Q_T``. LoftQ needs ``W`` itself, so
 for a really quantised base adapt first, then :func:`lorakit.quantize` with the same backend, scheme and block:
 the stored base is ``Q_T`` requantised, exactly ``Q_T`` with lorakit's idempotent codebook and within a block-scale
@@ -16,7 +16,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..errors import require
-from ..quant.lq_lora import decompose
+from .alternating import decompose
 from .linalg import check_rank
 from .registry import Factors, register_init
 

@@ -1,4 +1,4 @@
-"""LoftQ's simulated quantiser: ``dequantize(quantize(w))`` through a real codec (:mod:`lorakit.quant.codecs`).
+"""LoftQ's simulated quantiser: ``dequantize(quantize(w))`` through a real codec (:mod:`lorakit.hosts.codecs`).
 
 Kept for its name and signature; the quantisation itself lives once, in the codecs. ``kind="nf4"`` is k-bit
 NormalFloat, ``kind="uniform"`` evenly spaced absmax levels, both blockwise (lorakit's codebook codec, which
@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..errors import require
-from ..quant.codecs import check_available
+from ..hosts.codecs import check_available
 
 
 def scheme_of(kind: str, bits: int) -> str:

@@ -8,9 +8,8 @@ orthogonality regulariser are :mod:`lorakit.rank.adalora` / :mod:`lorakit.rank.i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
-from ..config import AdapterConfig
 from ..errors import require
 from .base import register_method
 from .gated import GatedLora, GatedLoraConfig
@@ -76,25 +75,9 @@ class IncreLoraConfig(_SvdFormConfig):
 class AdaLora(GatedLora):
     """AdaLoRA: ``P Λ Q`` with importance-based masking of ``Λ`` to a scheduled budget."""
 
-    @classmethod
-    def training_hooks(cls, config: AdapterConfig, name: str, steps: int) -> list[Any]:
-        from ..rank.adalora import AdaLoraHook
-
-        assert isinstance(config, AdaLoraConfig)
-        return [AdaLoraHook(name, total_steps=steps, target_rank=config.target_r, per_layer=True,
-                            t_init=int(config.t_init * steps), t_final=int(config.t_final * steps),
-                            delta_t=config.delta_t, beta1=config.beta1, beta2=config.beta2, orth_reg=config.orth_reg)]
 
 
 @register_method("increlora", IncreLoraConfig)
 class IncreLora(GatedLora):
     """IncreLoRA: ``P Λ Q`` whose most important layers gain ranks during training, within a budget."""
 
-    @classmethod
-    def training_hooks(cls, config: AdapterConfig, name: str, steps: int) -> list[Any]:
-        from ..rank.increlora import IncreLoraHook
-
-        assert isinstance(config, IncreLoraConfig)
-        return [IncreLoraHook(name, budget=config.target_r, per_layer=True, grow_every=config.grow_every,
-                              grow_layers=config.grow_layers, beta1=config.beta1, beta2=config.beta2,
-                              orth_reg=config.orth_reg)]

@@ -69,13 +69,6 @@ class Adapter(nn.Module):
         """State shared by every layer of one adapter, built once from all targeted layers' geometries."""
         return None
 
-    @classmethod
-    def training_hooks(cls, config: AdapterConfig, name: str, steps: int) -> list[Any]:
-        """The :class:`~lorakit.train.hooks.TrainingHook` objects this method needs while adapter ``name`` trains
-        for ``steps`` optimizer steps (SoRA's gate step, DyLoRA's rank sampling, ...). Trainers add them without
-        knowing the method; the default is none."""
-        return []
-
     @property
     def shared(self) -> SharedState:
         """The adapter's :class:`SharedState` (set by :meth:`hold_shared`)."""

@@ -2,8 +2,8 @@
 
     h = W0 x + (alpha / b) · B[:, :b] A[:b, :] x          (rsLoRA: alpha / sqrt(b))
 
-Training samples ``b`` each step (:class:`lorakit.rank.dylora.DyLoraSampler`, which :meth:`DyLora.training_hooks`
-hands to the trainer) and runs the truncated forward, so the first ranks learn what matters most (nested dropout).
+Training samples ``b`` each step (:class:`DyLoraSampler`, the method's registered training rule) and runs the
+truncated forward, so the first ranks learn what matters most (nested dropout).
 Afterwards the adapter is evaluated at any ``b`` (:func:`lorakit.rank.dylora.at_rank`) or cut to it for export
 (:func:`lorakit.rank.dylora.truncate`) without retraining. ``rank = None`` (the default outside training) is the
 full rank ``r``, where DyLoRA is exactly LoRA. In the paper's "frozen" mode only row/column ``b`` is trained at a
@@ -16,12 +16,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..config import AdapterConfig
-from ..errors import require
+from ..errors import LorakitError, require
+from ..hooks import TrainingHook, training_rule
 from ..hosts.backend import DenseBackend
 from ..hosts.geometry import Geometry
+from ..hosts.host import adapters_named
 from .base import register_method
 from .lora import Lora, LoraConfig
 
@@ -64,9 +66,50 @@ class DyLora(Lora):
             up = torch.cat([up[:, :b - 1].detach(), up[:, b - 1:]], dim=1)
         return a, up, scale
 
-    @classmethod
-    def training_hooks(cls, config: AdapterConfig, name: str, steps: int) -> list[Any]:
-        from ..rank.dylora import DyLoraSampler
 
-        assert isinstance(config, DyLoraConfig)
-        return [DyLoraSampler(name, config.r_min)]
+
+def dylora_layers(model: nn.Module, name: str) -> list[DyLora]:
+    """The layers of DyLoRA adapter ``name``; an error when it has none."""
+    layers = [adapter for _, adapter in adapters_named(model, name, DyLora)]
+    if not layers:
+        raise LorakitError(f"the model has no DyLoRA adapter named {name!r}")
+    return layers
+
+
+def set_rank(model: nn.Module, name: str, b: int | None) -> None:
+    """Every layer of adapter ``name`` computes with its first ``b`` ranks (``None``: all of them)."""
+    for adapter in dylora_layers(model, name):
+        adapter.set_rank(b)
+
+
+class DyLoraSampler(TrainingHook):
+    """Draws the step's rank ``b ~ U{r_min, ..., r}`` (the paper's uniform ``p_B``) from its own seeded generator
+    before the forward pass and sets it on every layer of adapter ``name`` (clamped to a layer's rank when
+    ``rank_pattern`` gives layers different ranks); restores the full rank after the step."""
+
+    def __init__(self, name: str = "default", r_min: int = 1, seed: int = 0) -> None:
+        require(r_min >= 1, "r_min", r_min, "must be >= 1")
+        self.name, self.r_min = name, r_min
+        self.generator = torch.Generator().manual_seed(seed)
+        self.last: int | None = None
+
+    def before_forward(self, model: nn.Module, step: int) -> None:
+        r = max(a.a.shape[0] for a in dylora_layers(model, self.name))
+        self.last = int(torch.randint(self.r_min, r + 1, (), generator=self.generator))
+        set_rank(model, self.name, self.last)
+
+    def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+        set_rank(model, self.name, None)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any], model: nn.Module) -> None:
+        if "generator" in state:
+            self.generator.set_state(state["generator"])
+
+
+@training_rule("dylora")
+def _rules(config: AdapterConfig, name: str, steps: int) -> list[TrainingHook]:
+    assert isinstance(config, DyLoraConfig)
+    return [DyLoraSampler(name, config.r_min)]

@@ -26,9 +26,11 @@ import torch
 from torch import nn
 
 from ..config import AdapterConfig
-from ..errors import require
+from ..errors import LorakitError, require
+from ..hooks import TrainingHook, training_rule
 from ..hosts.backend import DenseBackend
 from ..hosts.geometry import Geometry
+from ..hosts.host import adapters_named
 from ..init.layout import base_matrix
 from .base import register_method
 from .lora_xs import LoraXs, LoraXsConfig
@@ -70,13 +72,6 @@ class Lamda(LoraXs):
 
     trained = ("lora_R", "lora_B")
 
-    @classmethod
-    def training_hooks(cls, config: AdapterConfig, name: str, steps: int) -> list[Any]:
-        from ..optim.method_rules import LamdaFreeze
-
-        assert isinstance(config, LamdaConfig)
-        return [LamdaFreeze()]
-
     def __init__(self, geometry: Geometry, config: LamdaConfig, base: DenseBackend) -> None:
         if config.energy is not None:
             config = config.replace(r=energy_rank(base_matrix(geometry, base), config.energy, config.r))
@@ -98,11 +93,38 @@ class Lamda(LoraXs):
             optimizer.state.pop(b, None)
 
 
-def lamda_freeze(model: nn.Module, step: int, optimizer: torch.optim.Optimizer | None = None) -> int:
-    """Freeze ``B`` of every LaMDA layer whose ``freeze_b_step`` is reached at ``step``; returns how many it froze."""
+def lamda_freeze(model: nn.Module, step: int, optimizer: torch.optim.Optimizer | None = None,
+                 name: str = "default") -> int:
+    """Freeze ``B`` of every layer of LaMDA adapter ``name`` whose ``freeze_b_step`` is reached at ``step``; returns
+    how many it froze."""
     frozen = 0
-    for module in model.modules():
-        if isinstance(module, Lamda) and not module.b_frozen and step >= module.config.freeze_b_step:
+    for _, module in adapters_named(model, name, Lamda):
+        if not module.b_frozen and step >= module.config.freeze_b_step:
             module.freeze_b(optimizer)
             frozen += 1
     return frozen
+
+
+class LamdaFreeze(TrainingHook):
+    """Freezes adapter ``name``'s ``B`` once its ``freeze_b_step`` is reached. Resuming from a checkpoint taken after
+    that is refused (the checkpoint's optimizer no longer holds ``B``)."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.frozen = name, 0
+
+    def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+        self.frozen += lamda_freeze(model, step, optimizer, self.name)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"frozen": self.frozen}
+
+    def load_state_dict(self, state: dict[str, Any], model: nn.Module) -> None:
+        if state["frozen"]:
+            raise LorakitError("this LaMDA run froze B before its checkpoint; resuming after the freeze is not "
+                               "supported: resume from an earlier checkpoint or start again")
+
+
+@training_rule("lamda")
+def _rules(config: AdapterConfig, name: str, steps: int) -> list[TrainingHook]:
+    assert isinstance(config, LamdaConfig)
+    return [LamdaFreeze(name)]

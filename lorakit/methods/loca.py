@@ -13,7 +13,7 @@ integers), so ``dW x = alpha C_out[I]^T (s * (C_in[J] x))`` costs ``O(n (d_in + 
 
 Locations: ``n`` distinct positions drawn from ``seed`` at adapt time and saved with the adapter (integer buffer
 ``loca_locations``). While training, every ``relocate_every`` steps in the first ``relocate_fraction`` of training,
-:class:`lorakit.optim.loca_locations.LocaLocations` moves them by LoCA's finite-difference location gradient: on a
+:class:`LocaLocations` moves them by LoCA's finite-difference location gradient: on a
 probing step, zero-valued *probe* coefficients sit at each coefficient's location and its four neighbours, so their
 gradients are ``alpha * DCT2(dL/dW)`` there (exactly, for the cost of a rank-``5n`` product); moving ``s_k`` from
 ``(i, j)`` to a neighbour changes the loss by ``s_k (g_neighbour - g_here)`` to first order, and each coefficient
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,8 +33,10 @@ from torch import Tensor, nn
 
 from ..config import AdapterConfig
 from ..errors import require
+from ..hooks import TrainingHook, training_rule
 from ..hosts.backend import DenseBackend
 from ..hosts.geometry import Geometry
+from ..hosts.host import adapters_named
 from .base import Adapter, Capabilities, register_method
 
 
@@ -94,15 +95,6 @@ class Loca(Adapter):
         self.register_buffer("loca_locations", locations.to(w.device))
         self.loca_spectrum = nn.Parameter(torch.zeros(config.n, device=w.device, dtype=w.dtype))  # s_k
         self._probe: tuple[Tensor, Tensor] | None = None  # (locations (n, 5, 2), zero values (n, 5)) while probing
-
-    @classmethod
-    def training_hooks(cls, config: AdapterConfig, name: str, steps: int) -> list[Any]:
-        from ..optim.loca_locations import LocaLocations
-
-        assert isinstance(config, LocaConfig)
-        if config.relocate_every == 0:
-            return []
-        return [LocaLocations(name, config.relocate_every, int(steps * config.relocate_fraction))]
 
     def bases(self, locations: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``C_out[I]: (m, d_out)`` and ``C_in[J]: (m, d_in)``, the basis vectors at ``locations`` (default: own)."""
@@ -170,3 +162,34 @@ class Loca(Adapter):
 
     def trainable(self) -> dict[str, nn.Parameter]:
         return {"loca_spectrum": self.loca_spectrum}
+
+
+class LocaLocations(TrainingHook):
+    """LoCA's alternating coefficient / location updates for adapter ``name``: on every ``every``-th optimizer step
+    before ``until``, each layer probes the spectrum's gradient around its coefficients during that step's passes
+    (:meth:`Loca.start_probe`) and, right before the optimizer update, moves each coefficient to the neighbouring
+    frequency with the steepest first-order loss decrease (:meth:`Loca.relocate`). The locations live in the adapter
+    (saved with it), so the hook keeps no state."""
+
+    def __init__(self, name: str = "default", every: int = 10, until: int | None = None) -> None:
+        require(isinstance(every, int) and every >= 1, "every", every, "must be a positive integer")
+        self.name, self.every, self.until = name, every, until
+        self.moved = 0  # coefficients moved so far (for logging and tests)
+
+    def before_forward(self, model: nn.Module, step: int) -> None:
+        if step % self.every == 0 and (self.until is None or step < self.until):
+            for _, adapter in adapters_named(model, self.name, Loca):
+                adapter.start_probe()
+
+    def before_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+        for _, adapter in adapters_named(model, self.name, Loca):
+            if adapter.probing:
+                self.moved += adapter.relocate()
+
+
+@training_rule("loca")
+def _rules(config: AdapterConfig, name: str, steps: int) -> list[TrainingHook]:
+    assert isinstance(config, LocaConfig)
+    if config.relocate_every == 0:
+        return []
+    return [LocaLocations(name, config.relocate_every, int(steps * config.relocate_fraction))]

@@ -27,8 +27,10 @@ from torch import Tensor, nn
 
 from ..config import AdapterConfig
 from ..errors import require
+from ..hooks import TrainingHook, training_rule
 from ..hosts.backend import DenseBackend
 from ..hosts.geometry import Geometry
+from ..hosts.host import adapters_named
 from .base import register_method
 from .lora import Lora, LoraConfig
 
@@ -66,13 +68,6 @@ class Mosa(Lora):
     """LoRA whose factors, in a training step after :func:`mosa_resample`, keep only the sampled modules' entries."""
 
     _masks: tuple[Tensor, Tensor] | None = None  # (mask of A, mask of B) of the sampled modules; None: all modules
-
-    @classmethod
-    def training_hooks(cls, config: AdapterConfig, name: str, steps: int) -> list[Any]:
-        from ..optim.method_rules import MosaResample
-
-        assert isinstance(config, MosaConfig)
-        return [MosaResample(config.active_modules, steps, config.seed)]
 
     def __init__(self, geometry: Geometry, config: MosaConfig, base: DenseBackend) -> None:
         super().__init__(geometry, config, base)
@@ -117,18 +112,47 @@ class Mosa(Lora):
             return super().factors()
 
 
-def mosa_resample(model: nn.Module, k: int | None = 1, generator: torch.Generator | None = None) -> None:
-    """Activate ``k`` random modules (independently per layer) of every MoSA adapter for the next training step.
+def mosa_resample(model: nn.Module, k: int | None = 1, generator: torch.Generator | None = None,
+                  name: str = "default") -> None:
+    """Activate ``k`` random modules (independently per layer) of MoSA adapter ``name`` for the next training step.
 
     ``k=None`` activates all of them again (the complete adapter).
     """
-    for module in model.modules():
-        if isinstance(module, Mosa):
-            m = module.config.modules
-            if k is None:
-                module.sample(None)
-                continue
-            require(isinstance(k, int) and 1 <= k <= m, "k", k, f"must be an integer in [1, modules={m}]")
-            active = torch.zeros(m, dtype=torch.bool)
-            active[torch.randperm(m, generator=generator)[:k]] = True
-            module.sample(active)
+    for _, module in adapters_named(model, name, Mosa):
+        m = module.config.modules
+        if k is None:
+            module.sample(None)
+            continue
+        require(isinstance(k, int) and 1 <= k <= m, "k", k, f"must be an integer in [1, modules={m}]")
+        active = torch.zeros(m, dtype=torch.bool)
+        active[torch.randperm(m, generator=generator)[:k]] = True
+        module.sample(active)
+
+
+class MosaResample(TrainingHook):
+    """Samples ``k`` modules per layer of adapter ``name`` before each step (seeded; the sampler's state is
+    checkpointed); the complete adapter after the last step."""
+
+    def __init__(self, name: str, k: int, steps: int, seed: int = 0) -> None:
+        require(isinstance(k, int) and k >= 1, "k", k, "must be a positive integer")
+        self.name, self.k, self.steps = name, k, steps
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def before_forward(self, model: nn.Module, step: int) -> None:
+        mosa_resample(model, self.k, self.generator, self.name)
+
+    def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+        if step >= self.steps:
+            mosa_resample(model, None, name=self.name)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any], model: nn.Module) -> None:
+        self.generator.set_state(state["generator"])
+
+
+@training_rule("mosa")
+def _rules(config: AdapterConfig, name: str, steps: int) -> list[TrainingHook]:
+    assert isinstance(config, MosaConfig)
+    return [MosaResample(name, config.active_modules, steps, config.seed)]

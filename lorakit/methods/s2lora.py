@@ -15,7 +15,6 @@ The forward is two thin products, ``B_g (lambda_l * (A_g x))``, never ``dW``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +22,10 @@ from torch import Tensor, nn
 
 from ..config import AdapterConfig, require_rank_and_alpha
 from ..errors import require
+from ..hooks import TrainingHook, training_rule
 from ..hosts.backend import DenseBackend
 from ..hosts.geometry import Geometry
+from ..hosts.host import adapters_named
 from .base import Adapter, Capabilities, SharedState, register_method
 
 
@@ -79,13 +80,6 @@ class S2Lora(Adapter):
     capabilities = Capabilities(layers=frozenset({"linear"}), factorable=True)
 
     @classmethod
-    def training_hooks(cls, config: AdapterConfig, name: str, steps: int) -> list[Any]:
-        from ..optim.method_rules import S2LoraProx
-
-        assert isinstance(config, S2LoraConfig)
-        return [S2LoraProx(config.l1)] if config.l1 > 0 else []
-
-    @classmethod
     def shared_state(cls, config: AdapterConfig, geometries: list[Geometry]) -> S2LoraFactors:
         assert isinstance(config, S2LoraConfig)
         return S2LoraFactors(config, geometries)
@@ -121,17 +115,38 @@ class S2Lora(Adapter):
 
 
 @torch.no_grad()
-def s2lora_prox(model: nn.Module, threshold: float) -> int:
-    """The proximal step of ``threshold * ||lambda||_1`` on every S2-LoRA layer (call after ``optimizer.step()``).
+def s2lora_prox(model: nn.Module, threshold: float, name: str = "default") -> int:
+    """The proximal step of ``threshold * ||lambda||_1`` on every layer of S2-LoRA adapter ``name`` (call after
+    ``optimizer.step()``).
 
     ``lambda <- sign(lambda) * max(|lambda| - threshold, 0)`` (use ``threshold = lr * l1_weight``): coefficients
     within ``threshold`` of zero become exactly zero. Returns how many coefficients are zero afterwards.
     """
     require(threshold >= 0, "threshold", threshold, "must be >= 0")
     zeros = 0
-    for module in model.modules():
-        if isinstance(module, S2Lora):
-            lam = module.s2lora_lambda
-            lam.copy_(lam.sign() * (lam.abs() - threshold).clamp_min(0))
-            zeros += int((lam == 0).sum())
+    for _, module in adapters_named(model, name, S2Lora):
+        lam = module.s2lora_lambda
+        lam.copy_(lam.sign() * (lam.abs() - threshold).clamp_min(0))
+        zeros += int((lam == 0).sum())
     return zeros
+
+
+class S2LoraProx(TrainingHook):
+    """Soft-thresholds adapter ``name``'s ``lambda`` by ``lr * l1`` after each step (``lr``: the rate that step
+    used)."""
+
+    def __init__(self, name: str, l1: float) -> None:
+        require(l1 >= 0, "l1", l1, "must be >= 0")
+        self.name, self.l1, self._lr = name, l1, 0.0
+
+    def before_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+        self._lr = float(optimizer.param_groups[0]["lr"])
+
+    def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+        s2lora_prox(model, self._lr * self.l1, self.name)
+
+
+@training_rule("s2lora")
+def _rules(config: AdapterConfig, name: str, steps: int) -> list[TrainingHook]:
+    assert isinstance(config, S2LoraConfig)
+    return [S2LoraProx(name, config.l1)] if config.l1 > 0 else []

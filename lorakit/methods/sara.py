@@ -19,7 +19,6 @@ at adapt time); ``fraction`` defaults to 0.1 (the paper's 10-20% range).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +26,10 @@ from torch import Tensor, nn
 
 from ..config import AdapterConfig
 from ..errors import LorakitError, require
+from ..hooks import TrainingHook, training_rule
 from ..hosts.backend import DenseBackend
 from ..hosts.geometry import _CONV_FN, ConvGeometry, EmbeddingGeometry, Geometry, LinearGeometry
+from ..hosts.host import adapters_named
 from .base import Adapter, Capabilities, register_method
 
 
@@ -67,13 +68,6 @@ class Sara(Adapter):
 
     capabilities = Capabilities()
 
-    @classmethod
-    def training_hooks(cls, config: AdapterConfig, name: str, steps: int) -> list[Any]:
-        from ..optim.method_rules import SaraNuclear
-
-        assert isinstance(config, SaraConfig)
-        return [SaraNuclear(config.nuclear_weight)] if config.nuclear_weight > 0 else []
-
     def __init__(self, geometry: Geometry, config: SaraConfig, base: DenseBackend) -> None:
         super().__init__(geometry, config, base)
         w = base.weight()
@@ -108,15 +102,33 @@ class Sara(Adapter):
         return {"sara_values": self.sara_values}
 
 
-def sara_nuclear_norm(model: nn.Module) -> Tensor:
-    """``sum over SaRA layers of ||dW_l||_*`` (each update viewed as a matrix with one row per output unit).
+def sara_nuclear_norm(model: nn.Module, name: str = "default") -> Tensor:
+    """``sum over the layers of SaRA adapter name of ||dW_l||_*`` (each update viewed as a matrix with one row per
+    output unit).
 
     Add ``weight * sara_nuclear_norm(model)`` to the loss (the paper's low-rank sparse training).
     """
-    terms = [torch.linalg.matrix_norm(_as_matrix(m), ord="nuc") for m in model.modules() if isinstance(m, Sara)]
+    terms = [torch.linalg.matrix_norm(_as_matrix(m), ord="nuc") for _, m in adapters_named(model, name, Sara)]
     if not terms:
-        raise LorakitError(f"sara_nuclear_norm: the {type(model).__name__} has no SaRA adapter")
+        raise LorakitError(f"sara_nuclear_norm: the {type(model).__name__} has no SaRA adapter named {name!r}")
     return torch.stack(terms).sum()
+
+
+class SaraNuclear(TrainingHook):
+    """Adds ``weight * sum of the nuclear norms of adapter name's updates`` to each step's loss."""
+
+    def __init__(self, name: str, weight: float) -> None:
+        require(weight > 0, "weight", weight, "must be > 0")
+        self.name, self.weight = name, weight
+
+    def regulariser(self, model: nn.Module) -> Tensor:
+        return self.weight * sara_nuclear_norm(model, self.name)
+
+
+@training_rule("sara")
+def _rules(config: AdapterConfig, name: str, steps: int) -> list[TrainingHook]:
+    assert isinstance(config, SaraConfig)
+    return [SaraNuclear(name, config.nuclear_weight)] if config.nuclear_weight > 0 else []
 
 
 def _as_matrix(adapter: Sara) -> Tensor:

@@ -3,14 +3,13 @@ with a proximal L1 step on ``g`` so ranks reach exact zeros and are pruned.
 
 The parametrisation is :class:`~lorakit.methods.gated.GatedLora` with LoRA's init and ``g = 1`` (so with
 ``λ = 0`` it is plain LoRA); the gate step, sparsity schedule and pruning are :class:`lorakit.rank.sora.SoraHook`,
-which :meth:`Sora.training_hooks` hands to the trainer.
+registered beside it as the method's training rule.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
-from ..config import AdapterConfig
 from ..errors import require
 from .base import register_method
 from .gated import GatedLora, GatedLoraConfig
@@ -50,10 +49,3 @@ class SoraConfig(GatedLoraConfig):
 class Sora(GatedLora):
     """SoRA: gated LoRA; its training hook applies the proximal gate step and prunes."""
 
-    @classmethod
-    def training_hooks(cls, config: AdapterConfig, name: str, steps: int) -> list[Any]:
-        from ..rank.sora import SoraHook
-
-        assert isinstance(config, SoraConfig)
-        return [SoraHook(name, config.sparse_lambda, config.lambda_max, config.lambda_steps,
-                         config.prune_every or steps)]

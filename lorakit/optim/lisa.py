@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, require
-from ..train.hooks import TrainingHook, optimized_parameters
+from ..hooks import TrainingHook, optimized_parameters
 
 
 def find_blocks(model: nn.Module, path: str | None = None) -> nn.ModuleList:

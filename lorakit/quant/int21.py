@@ -79,8 +79,8 @@ def int21(model: nn.Module, config: LoraConfig, calibration: Sequence[Batch], na
 
 def effective_bits(model: nn.Module, adapter_bits: int = 16) -> float:
     """``(quantised base bits + adapter parameters * adapter_bits) / quantised base weights``."""
+    from ..hosts.codecs import storage_bits
     from ..inject import trainable_parameters
-    from .codecs import storage_bits
     from .model import quantized_layers
 
     layers = quantized_layers(model)

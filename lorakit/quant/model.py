@@ -1,6 +1,6 @@
 """Quantise a model's frozen base: ``lorakit.quantize(model, scheme="nf4")`` (QLoRA's base, METHODS.md entry 39).
 
-Every targeted ``nn.Linear`` is replaced by its codec's frozen quantised module (:mod:`lorakit.quant.codecs`); a
+Every targeted ``nn.Linear`` is replaced by its codec's frozen quantised module (:mod:`lorakit.hosts.codecs`); a
 layer that already hosts adapters keeps them and gets a :class:`~lorakit.hosts.quantized.QuantizedBackend`, so
 ``quantize`` may be called before or after :func:`lorakit.adapt` and every method composes with the quantised base.
 
@@ -17,11 +17,11 @@ from torch import nn
 
 from ..config import ALL_LINEAR, AdapterConfig
 from ..errors import LorakitError, TargetError, require
+from ..hosts.codecs import CODECS, check_available, codec_of, storage_bits
 from ..hosts.host import HostLayer
 from ..hosts.quantized import QuantizedBackend
 from ..inject import _replace, hosts
 from ..targeting import find_targets
-from .codecs import CODECS, check_available, codec_of, storage_bits
 
 # bitsandbytes: on this project's CPUs its native (de)quantisation kernels make a QLoRA step 1.08x an fp32 LoRA step
 # against torchao's 1.22x (pure-PyTorch dequantisation, ~7x slower per call), and it takes any shape (torchao needs

@@ -1,7 +1,9 @@
-"""Rank allocation during training: hooks that prune (SoRA, AdaLoRA), grow (IncreLoRA), sample (DyLoRA) or
-select (Flexora, CoLoRA) ranks and layers, plus the regularisers and perturbations of LoRA training rules
-(PEGO, LoRA-GGPO). Every hook is a :class:`~lorakit.train.hooks.TrainingHook`, usable in the lorakit trainer and in
-any loop; methods hand theirs to the trainer through ``Adapter.training_hooks``."""
+"""Rank allocation during training: hooks that prune (SoRA, AdaLoRA), grow (IncreLoRA) or select (Flexora, CoLoRA)
+ranks and layers, DyLoRA's any-rank tools, plus the regularisers and perturbations of LoRA training rules (PEGO,
+LoRA-GGPO). Every hook is a :class:`~lorakit.hooks.TrainingHook`, usable in the lorakit trainer and in any loop.
+Importing this package registers the training rules of the gated methods (SoRA, AdaLoRA, IncreLoRA) beside their
+hooks; the other methods register theirs in their own files."""
+from . import adalora, increlora, sora  # noqa: F401  (training-rule registration)
 from .ops import gated_layers, ranks_of, total_rank
 
 __all__ = ["gated_layers", "ranks_of", "total_rank"]

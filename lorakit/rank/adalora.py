@@ -21,7 +21,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..config import AdapterConfig
 from ..errors import require
+from ..hooks import TrainingHook, training_rule
+from ..methods.adalora import AdaLoraConfig
 from .importance import ImportanceHook
 from .ops import gated_layers, resize_ranks, total_rank
 
@@ -115,3 +118,11 @@ class AdaLoraHook(ImportanceHook):
         super().load_state_dict(state, model)
         self.initial, self.masks = state["initial"], dict(state["masks"])
         self.importance.load_state_dict(state["importance"])
+
+
+@training_rule("adalora")
+def _rules(config: AdapterConfig, name: str, steps: int) -> list[TrainingHook]:
+    assert isinstance(config, AdaLoraConfig)
+    return [AdaLoraHook(name, total_steps=steps, target_rank=config.target_r, per_layer=True,
+                        t_init=int(config.t_init * steps), t_final=int(config.t_final * steps),
+                        delta_t=config.delta_t, beta1=config.beta1, beta2=config.beta2, orth_reg=config.orth_reg)]

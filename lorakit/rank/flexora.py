@@ -19,9 +19,9 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import LorakitError, require
+from ..hooks import TrainingHook, optimized_parameters, replace_parameter
 from ..hosts.host import HostLayer
 from ..inject import hosts
-from ..train.hooks import TrainingHook, optimized_parameters, replace_parameter
 
 
 def block_of(path: str) -> str:

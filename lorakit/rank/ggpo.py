@@ -19,8 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import require
+from ..hooks import TrainingHook
 from ..inject import trainable_parameters
-from ..train.hooks import TrainingHook
 
 
 def _row_norms(t: Tensor) -> Tensor:  # (rows, 1...) broadcastable against t

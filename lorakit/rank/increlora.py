@@ -15,7 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..config import AdapterConfig
 from ..errors import require
+from ..hooks import TrainingHook, training_rule
+from ..methods.adalora import IncreLoraConfig
 from .importance import ImportanceHook
 from .ops import gated_layers, resize_ranks, total_rank
 
@@ -70,3 +73,11 @@ class IncreLoraHook(ImportanceHook):
     def load_state_dict(self, state: dict[str, Any], model: nn.Module) -> None:
         super().load_state_dict(state, model)
         self.importance.load_state_dict(state["importance"])
+
+
+@training_rule("increlora")
+def _rules(config: AdapterConfig, name: str, steps: int) -> list[TrainingHook]:
+    assert isinstance(config, IncreLoraConfig)
+    return [IncreLoraHook(name, budget=config.target_r, per_layer=True, grow_every=config.grow_every,
+                          grow_layers=config.grow_layers, beta1=config.beta1, beta2=config.beta2,
+                          orth_reg=config.orth_reg)]

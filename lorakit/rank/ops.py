@@ -2,7 +2,7 @@
 model's config, and put saved ranks back on resumption.
 
 Pruning gathers the surviving rows of every tensor and of its optimizer moments; growing appends new ranks whose
-moments start at zero (:func:`lorakit.train.hooks.replace_parameter`). Nothing is reset and no stale moment stays.
+moments start at zero (:func:`lorakit.hooks.replace_parameter`). Nothing is reset and no stale moment stays.
 """
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import LorakitError
+from ..hooks import TrainingHook, replace_parameter
 from ..hosts.host import HostLayer
 from ..inject import configs, hosts
 from ..methods.gated import GatedLora, GatedLoraConfig
-from ..train.hooks import TrainingHook, replace_parameter
 
 
 def gated_layers(model: nn.Module, name: str) -> Iterator[tuple[HostLayer, GatedLora]]:

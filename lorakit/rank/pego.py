@@ -16,8 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import LorakitError, require
+from ..hooks import TrainingHook
 from ..inject import hosts
-from ..train.hooks import TrainingHook
 
 
 def pego_penalty(model: nn.Module, names: Sequence[str], base_weight: float = 1.0,

@@ -20,7 +20,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..config import AdapterConfig
 from ..errors import require
+from ..hooks import TrainingHook, training_rule
+from ..methods.sora import SoraConfig
 from .ops import RankHook, gated_layers, lr_of, ranks_of, resize_ranks
 
 
@@ -70,3 +73,9 @@ class SoraHook(RankHook):
             if keep.numel() < adapter.r:
                 resize_ranks(model, self.name, host, keep, optimizer=optimizer)
         return ranks_of(model, self.name)
+
+
+@training_rule("sora")
+def _rules(config: AdapterConfig, name: str, steps: int) -> list[TrainingHook]:
+    assert isinstance(config, SoraConfig)
+    return [SoraHook(name, config.sparse_lambda, config.lambda_max, config.lambda_steps, config.prune_every or steps)]

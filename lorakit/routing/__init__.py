@@ -1,18 +1,2 @@
-"""Which adapter applies to which rows: per-row routing (segment path), the stacked path and the adapter pool.
-
-``AdapterPool`` is imported on first use: the host layers import :mod:`.rows` and :mod:`.stacked` from here, and the
-pool imports the host layers.
-"""
-from __future__ import annotations
-
-from typing import Any
-
-__all__ = ["AdapterPool"]
-
-
-def __getattr__(name: str) -> Any:
-    if name == "AdapterPool":
-        from .pool import AdapterPool
-
-        return AdapterPool
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+"""Which adapters apply to which rows and tokens: the routing strategies a host layer delegates to, the per-row
+routing of a batch and the stacked (slot) path. The adapter pool that fills the slots is :mod:`lorakit.pool`."""

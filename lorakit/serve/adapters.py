@@ -1,6 +1,6 @@
 """Which adapters the engine can route to, and where a server may load adapter files from.
 
-The engine talks to an *adapter set* with the :class:`~lorakit.routing.pool.AdapterPool` API (``names``,
+The engine talks to an *adapter set* with the :class:`~lorakit.pool.AdapterPool` API (``names``,
 ``acquire``, ``release``; a server also needs ``register`` / ``unregister``). The pool is the choice for many
 adapters (S-LoRA, METHODS.md entry 65); :class:`AttachedAdapters` serves the adapters a caller attached to the model
 itself (``lorakit.adapt`` / ``lorakit.load_adapter``), all resident, nothing to load or evict.

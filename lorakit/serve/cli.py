@@ -1,4 +1,4 @@
-"""``lorakit serve``: load a base model, register adapters in an :class:`~lorakit.routing.pool.AdapterPool`, run the
+"""``lorakit serve``: load a base model, register adapters in an :class:`~lorakit.pool.AdapterPool`, run the
 engine and the OpenAI-compatible API with uvicorn.
 
     lorakit serve --adapter pos=runs/pos --adapter neg=runs/neg --port 8000
@@ -51,7 +51,7 @@ def parse_adapter_specs(specs: list[str]) -> list[tuple[str, str]]:
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from ..routing.pool import AdapterPool
+    from ..pool import AdapterPool
     from .server import create_app
 
     model, tokenizer = load_model(args.model, torch.bfloat16 if args.bf16 else torch.float32)

@@ -20,10 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..hooks import TrainingHook
 from ..io.adapter_files import WEIGHTS_FILE, adapter_tensors, reproducible_from_file, save_adapter
 from ..io.files import read_json, read_safetensors, write_json, write_safetensors
 from .errors import TrainingError
-from .hooks import TrainingHook
 from .trained import MODEL_FILE, full_state, is_full, weights_file
 
 RUN_FILE, METRICS_FILE, TRAINER_FILE, STATE_FILE = "run.json", "metrics.jsonl", "trainer.pt", "state.json"

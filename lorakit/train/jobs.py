@@ -29,8 +29,8 @@ import torch
 
 from ..config import AdapterConfig
 from ..errors import LorakitError
+from ..hooks import training_hooks
 from ..inject import disable, set_active
-from ..methods.base import METHODS
 from ..quant.model import quantize
 from .checkpoint import METRICS_FILE, MetricsLog, prepare_output, start_run
 from .errors import DataError, TrainingError
@@ -184,7 +184,7 @@ def finetune_jobs(path: str | Path, defaults: Options = DEFAULTS,
         _add_adapter(spec, job)
         start_run(spec.output, _settings(spec, Path(path)), fresh=True)
         config = train_config(spec.options, len(job.train))
-        hooks = [*METHODS.get(spec.adapter.method)[0].training_hooks(spec.adapter, spec.name, config.steps),
+        hooks = [*training_hooks(spec.adapter, spec.name, config.steps),
                  *option_hooks(spec.options)]
         jobs.append(Job(spec.name, job.task, job.train, config, spec.output, hooks))
     results: dict[str, dict[str, Any]] = {}

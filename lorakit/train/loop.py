@@ -19,11 +19,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..hooks import TrainingHook
 from .checkpoint import METRICS_FILE, MetricsLog, load_checkpoint, save_checkpoint
 from .data import BatchOrder
 from .ddp import SINGLE, World, sync_gradients
 from .errors import explain_out_of_memory
-from .hooks import TrainingHook
 from .steps import AdapterSteps, TrainConfig
 from .tasks import Example, Task
 from .trained import trained_parameters
@@ -64,7 +64,7 @@ class Trainer(AdapterSteps):
     """Trains the adapter named ``default`` of ``model`` (or, with none, every weight: full fine-tuning) over
     ``examples`` with ``task``'s loss.
 
-    ``hooks`` (:class:`~lorakit.train.hooks.TrainingHook`) change ranks, layers or update rules during training;
+    ``hooks`` (:class:`~lorakit.hooks.TrainingHook`) change ranks, layers or update rules during training;
     ``callbacks`` only observe each finished step (logging, early stop).
     """
 

@@ -42,11 +42,11 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..config import AdapterConfig
+from ..hooks import TrainingHook
 from ..inject import adapt, route, trainable_parameters
 from .checkpoint import METRICS_FILE, MetricsLog
 from .data import BatchOrder
 from .errors import TrainingError, explain_out_of_memory
-from .hooks import TrainingHook
 from .loop import StepResult, TrainConfig, _deferred_interrupt
 from .steps import AdapterSteps
 from .tasks import Example, Task
@@ -57,7 +57,7 @@ class Job:
     """One fine-tuning job: adapter ``name`` (already on the model) trained on ``examples`` with ``task``'s loss.
 
     ``output`` receives the job's ``metrics.jsonl`` (one record per step, as a solo run writes it); ``hooks`` are the
-    job's :class:`~lorakit.train.hooks.TrainingHook` s (e.g. its method's), called with the job's own optimizer and
+    job's :class:`~lorakit.hooks.TrainingHook` s (e.g. its method's), called with the job's own optimizer and
     step count at the points the solo :class:`~lorakit.train.loop.Trainer` calls them.
     """
 

@@ -16,10 +16,12 @@ import torch
 from torch import nn
 
 from ..config import ALL_LINEAR
+from ..hooks import TrainingHook, training_hooks
 from ..init import INITS
 from ..inject import adapt
 from ..io.adapter_files import adapter_tensors, load_adapter
 from ..methods.base import METHODS, build_config
+from ..optim.lisa import LISA
 from ..quant.model import DEFAULT_BACKEND, quantize
 from ..targeting import find_targets
 from . import default
@@ -28,7 +30,6 @@ from .data import Record, read_records, split
 from .ddp import World, close_world, init_world
 from .errors import DataError
 from .evaluate import describe, evaluate, majority_rate
-from .hooks import TrainingHook
 from .loop import Callback, TrainConfig, Trainer
 from .model import load_model
 from .plot import plot_loss
@@ -189,8 +190,6 @@ def option_hooks(opts: Options) -> list[TrainingHook]:
     """Hooks the options ask for (``--lisa``)."""
     if not opts.lisa:
         return []
-    from ..optim.lisa import LISA  # imported here: lorakit.optim.lisa imports lorakit.train
-
     return [LISA(gamma=opts.lisa_layers, interval=opts.lisa_interval, seed=opts.seed)]
 
 
@@ -250,8 +249,7 @@ def _finetune(opts: Options, world: World, started: float, callbacks: Sequence[C
     if world.main:
         start_run(output, settings, fresh=checkpoint is None)
     world.barrier()
-    method_hooks = [] if adapter is None else METHODS.get(adapter.method)[0].training_hooks(adapter, "default",
-                                                                                              config.steps)
+    method_hooks = [] if adapter is None else training_hooks(adapter, "default", config.steps)
     trainer = Trainer(prepared.model, prepared.task, prepared.train, config, output, world, callbacks,
                       [*method_hooks, *option_hooks(opts), *hooks])
     if checkpoint is not None:

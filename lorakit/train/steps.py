@@ -14,9 +14,9 @@ import torch
 from torch import nn
 from transformers import get_linear_schedule_with_warmup
 
+from ..hooks import HookList, TrainingHook, optimized_parameters
 from ..optim import build_optimizer
 from .errors import TrainingError
-from .hooks import HookList, TrainingHook, optimized_parameters
 
 
 @dataclass(frozen=True)

@@ -23,12 +23,12 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
-from ..errors import require
-from ..hosts.geometry import is_transposed
-from ..hosts.host import HostLayer
-from ..inject import active_adapters, adapt, config_of, configs, delete_adapter, disable, hosts, set_active
-from .layout import factor_dtype, precise
-from .registry import INITS, Factors, LayerInfo, options_of
+from .errors import require
+from .hosts.geometry import is_transposed
+from .hosts.host import HostLayer
+from .init.layout import factor_dtype, precise
+from .init.registry import INITS, Factors, LayerInfo, options_of
+from .inject import active_adapters, adapt, config_of, configs, delete_adapter, disable, hosts, set_active
 
 GRADIENT_BUDGET = 2**30  # bytes of float32 full-weight gradients per pass when layers_per_pass is not given
 

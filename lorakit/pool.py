@@ -29,12 +29,12 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor, nn
 
-from ..config import AdapterConfig
-from ..errors import AdapterFileError, LorakitError
-from ..inject import POOL, configs, delete_adapter, hosts
-from ..io.adapter_files import CONFIG_FILE, attach_adapter, read_adapter
-from ..io.files import read_json
-from .stacked import SlotStack, SlotTable, stackable
+from .config import AdapterConfig
+from .errors import AdapterFileError, LorakitError
+from .inject import POOL, configs, delete_adapter, hosts
+from .io.adapter_files import CONFIG_FILE, attach_adapter, read_adapter
+from .io.files import read_json
+from .routing.stacked import SlotStack, SlotTable, stackable
 
 
 @dataclass

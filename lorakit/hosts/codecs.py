@@ -10,7 +10,7 @@ it. Three are registered (:data:`CODECS`):
   block; we take the largest power of two <= 256 (the paper's) that divides it (SmolLM2's 576-wide layers: 64).
 * ``"bitsandbytes"``: ``bnb.nn.Linear4bit`` with ``compress_statistics=True`` (double quantisation), schemes
   ``"nf4"`` and ``"fp4"``; bitsandbytes >= 0.48 runs it on CPU.
-* ``"lorakit"``: :mod:`lorakit.quant.codebook`, k-bit NormalFloat / uniform for the widths the libraries lack
+* ``"lorakit"``: :mod:`lorakit.hosts.codebook`, k-bit NormalFloat / uniform for the widths the libraries lack
   (LQ-LoRA's and INT2.1's 2- and 3-bit bases).
 
 Neither library's quantiser is idempotent (``quantize(dequantize(q)) != q``: the double-quantised block scales

@@ -23,15 +23,24 @@ tensors from the optimizer's parameter groups every step, so such changes take e
 Hooks with state (schedules, samplers) return it from :meth:`TrainingHook.state_dict` as plain tensors and
 containers; checkpoints store it and :meth:`TrainingHook.load_state_dict` restores it *before* the adapter tensors
 and optimizer are loaded, so a hook can first reshape the adapter to the ranks the checkpoint holds.
+
+A method that changes things while it trains (SoRA's gates, DyLoRA's rank sampling, LaMDA's freezing, ...) registers
+its rule beside it with :func:`training_rule`; trainers ask :func:`training_hooks` for the hooks of each adapter they
+train, without knowing the method. Every such hook is built for one adapter name and touches only that adapter, so
+two adapters of the same method trained together in one model never reach each other.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from ..errors import LorakitError
+from .errors import LorakitError
+from .registry import Registry
+
+if TYPE_CHECKING:
+    from .config import AdapterConfig
 
 
 class TrainingHook:
@@ -150,3 +159,20 @@ def _carry(value: Any, old: Tensor, new: Tensor, keep: Tensor | None, dim: int) 
     grown = torch.zeros(new.shape, dtype=value.dtype, device=value.device)
     grown.narrow(dim, 0, kept.shape[dim]).copy_(kept)
     return grown
+
+
+RuleFactory = Callable[["AdapterConfig", str, int], list[TrainingHook]]
+RULES: Registry[RuleFactory] = Registry("training rule")
+
+
+def training_rule(method: str) -> Callable[[RuleFactory], RuleFactory]:
+    """Register ``factory(config, name, steps) -> hooks``: the hooks that method ``method`` needs while its adapter
+    ``name`` trains for ``steps`` optimizer steps. Registered in the method's file, or beside the method's family
+    (the rank hooks of :mod:`lorakit.rank`)."""
+    return RULES.decorator(method)
+
+
+def training_hooks(config: AdapterConfig, name: str, steps: int) -> list[TrainingHook]:
+    """The hooks adapter ``name`` (of ``config.method``) needs while it trains for ``steps`` steps; ``[]`` for the
+    methods without a training-time rule."""
+    return RULES.get(config.method)(config, name, steps) if config.method in RULES else []
