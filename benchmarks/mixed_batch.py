@@ -48,13 +48,13 @@ def make_adapters(make_model: Callable[[], nn.Module], n: int, ranks: list[int],
 def forced(limit: float | None, step: Callable[[], None]) -> Callable[[], None]:
     """``step`` with both limits of the stacked path's rule set to ``limit`` (``None``: lorakit's rule)."""
     def run() -> None:
-        saved = stacked.MAX_TOKENS_PER_ADAPTER, stacked.MAX_PADDING
+        saved = stacked.GRID_RULES["cpu"]
         if limit is not None:
-            stacked.MAX_TOKENS_PER_ADAPTER = stacked.MAX_PADDING = limit
+            stacked.GRID_RULES["cpu"] = stacked.GridRule(limit, limit)
         try:
             step()
         finally:
-            stacked.MAX_TOKENS_PER_ADAPTER, stacked.MAX_PADDING = saved
+            stacked.GRID_RULES["cpu"] = saved
     return run
 
 
@@ -95,7 +95,7 @@ def table(make_model: Callable[[], nn.Module], paths: list[Path], args: argparse
             with torch.inference_mode():
                 med = interleaved_medians(steps, args.reps, args.warmup, torch.device("cpu"))
             pool.release(names)
-            kernel = "grid" if args.batch // n * tokens <= stacked.MAX_TOKENS_PER_ADAPTER else "per-slot"
+            kernel = "grid" if args.batch // n * tokens <= stacked.GRID_RULES["cpu"].max_tokens else "per-slot"
             read = base_bytes + sum(adapter_bytes[:n])
             x = {k: v / med["base"] for k, v in med.items()}
             print(f"{tokens:>3}{n:>4}{med['base'] * 1e3:>9.1f}{x['peft']:>8.2f}{x['lorakit']:>9.2f}{kernel:>9}"

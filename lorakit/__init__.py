@@ -7,9 +7,9 @@
 """
 from . import rank  # noqa: F401  (registers the rank-allocation methods' training rules)
 from .config import AdapterConfig
+from .data_init import initialize
 from .errors import AdapterFileError, ConfigError, LorakitError, TargetError
 from .init import INITS
-from .data_init import initialize
 from .inject import (
     active_adapters,
     adapt,
@@ -24,6 +24,7 @@ from .inject import (
     trainable_parameters,
     unload,
     unmerge,
+    using,
 )
 from .io.adapter_files import load_adapter, save_adapter
 from .io.export import export_lora
@@ -52,6 +53,7 @@ from .methods.sora import SoraConfig
 from .methods.svfit import SvfitConfig
 from .methods.tlora import TloraConfig
 from .methods.wara import WaraConfig
+from .mixing import add_router, delete_router, gate_router, mix
 from .pool import AdapterPool
 from .quant.model import quantize, rounding_errors
 
@@ -67,6 +69,6 @@ __all__ = [
     "BlockLoraConfig", "CpDoraConfig", "CpLoraConfig", "FloraNConfig", "HydraConfig", "LocaConfig", "TloraConfig",
     "WaraConfig",
     "CompacterConfig", "LamdaConfig", "MosConfig", "MosaConfig", "S2LoraConfig", "SaraConfig",
-    "AdapterPool",
+    "AdapterPool", "add_router", "delete_router", "gate_router", "mix", "using",
     "AdaLoraConfig", "DyLoraConfig", "IncreLoraConfig", "SoraConfig",
 ]

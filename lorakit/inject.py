@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator, Sequence, TypeVar
 
 import torch
 from torch import nn
@@ -19,7 +19,10 @@ from .errors import LorakitError, require
 from .hosts.host import HostLayer, hosts
 from .methods.base import METHODS, Adapter, SharedState
 from .routing.rows import RowRouting
+from .routing.strategy import Routing
 from .targeting import find_targets
+
+R = TypeVar("R", bound=Routing)
 
 
 def configs(model: nn.Module) -> dict[str, AdapterConfig]:
@@ -28,12 +31,19 @@ def configs(model: nn.Module) -> dict[str, AdapterConfig]:
 
 
 SHARED = "lorakit_shared"
+ROUTERS = "lorakit_routers"  # routers of weighted routing (see lorakit.mixing), trained and saved like shared state
 POOL = "_lorakit_pool"  # key, in ``model.__dict__``, of the model's AdapterPool (see lorakit.pool)
 
 
 def shared_states(model: nn.Module) -> dict[str, SharedState]:
     """Adapter name -> its shared state, for the adapters whose method has one."""
     container = model._modules.get(SHARED)
+    return dict(container.items()) if container is not None else {}
+
+
+def routers(model: nn.Module) -> dict[str, nn.Module]:
+    """Router name -> router module, for the routers added with :func:`lorakit.mixing.add_router`."""
+    container = model._modules.get(ROUTERS)
     return dict(container.items()) if container is not None else {}
 
 
@@ -205,7 +215,14 @@ def route(model: nn.Module, names: Sequence[str | None]) -> Iterator[RowRouting]
     Works in training too: each adapter receives gradients from its own rows only.
     """
     _check_routable(model, [n for n in names if n is not None])
-    routing = RowRouting(names)
+    with using(model, RowRouting(names)) as routing:
+        yield routing
+
+
+@contextlib.contextmanager
+def using(model: nn.Module, routing: R) -> Iterator[R]:
+    """Within the block, every host layer of ``model`` delegates its forward to the strategy ``routing`` (see
+    :mod:`lorakit.routing.strategy`); the previous strategies come back afterwards."""
     layers = list(hosts(model))
     previous = [h.routing for h in layers]
     for host in layers:
@@ -243,6 +260,7 @@ def unload(model: nn.Module, *, merge_active: bool = False) -> nn.Module:
             host.unmerge()
         _replace(model, host.path, host.base_layer)
     _drop_shared(model, None)
+    model._modules.pop(ROUTERS, None)
     configs(model).clear()
     return model
 
@@ -260,8 +278,9 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 
 
 def trainable_parameters(model: nn.Module, name: str | None = None) -> dict[str, nn.Parameter]:
-    """Declared trainable tensors of every adapter (or of adapter ``name``), by their name in ``model``."""
-    if name is not None:
+    """Declared trainable tensors of every adapter and router (or of adapter / router ``name``), by their name in
+    ``model``."""
+    if name is not None and name not in routers(model):
         _check_names(model, [name])
     out: dict[str, nn.Parameter] = {}
     for host in hosts(model):
@@ -273,6 +292,9 @@ def trainable_parameters(model: nn.Module, name: str | None = None) -> dict[str,
         if name is None or adapter_name == name:
             for key, p in shared.trainable().items():
                 out[f"{SHARED}.{adapter_name}.{key}"] = p
+    for router_name, router in routers(model).items():
+        if name is None or router_name == name:
+            out.update({f"{ROUTERS}.{router_name}.{key}": p for key, p in router.named_parameters()})
     return out
 
 

@@ -142,3 +142,52 @@ def test_unsupported_layer_is_a_clear_error(method, layer):
     with pytest.raises(lorakit.LorakitError, match=f"does not support {KIND[layer]} layers"):
         lorakit.adapt(model, config(method))
     assert not list(lorakit.inject.hosts(model)), "a failed adapt must leave the model untouched"
+
+
+def token_weights(layer: str, x: torch.Tensor, n: int) -> torch.Tensor:
+    """Random weights per token (per row on conv layers), about half of them exactly zero."""
+    tokens = x.shape[:1] if KIND[layer] == "conv" else (x.shape[:-1] if x.is_floating_point() else x.shape)
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(*tokens, n, generator=gen) * (torch.rand(*tokens, n, generator=gen) > 0.5)
+    return w.requires_grad_(True)
+
+
+WEIGHTED_CASES = [(m, layer, "sparse") for m, layer in CASES] + [(m, "linear", "dense") for m, layer in CASES
+                                                                  if layer == "linear"]
+
+
+@pytest.mark.parametrize("method,layer,dispatch", WEIGHTED_CASES)
+def test_weighted_mix_equals_the_per_token_reference(method, layer, dispatch):
+    """``mix``: ``base + sum_i w_i (y_i - base)`` per token, ``y_i`` the output with only adapter ``i`` active;
+    outputs and gradients (adapters and the weights themselves, where routed) equal that dense reference."""
+    names = ["a", "b", "c"]
+    model, x, _, _ = adapted(method, layer, names=tuple(names))
+    perturb(model)
+    model.train()
+    w = token_weights(layer, x, len(names))
+    params = lorakit.trainable_parameters(model)
+    probe = torch.randn_like(model(x).float())
+
+    with lorakit.mix(model, names, w, dispatch=dispatch):
+        mixed = model(x)
+    (mixed.float() * probe).sum().backward()
+    mixed_grads = {k: p.grad.clone() for k, p in params.items() if p.grad is not None}
+    mixed_w_grad, w.grad = w.grad.clone(), None
+    model.zero_grad()
+
+    with lorakit.disable(model):
+        base = model(x)
+    reference = base
+    for i, name in enumerate(names):
+        lorakit.set_active(model, name)
+        wi = w[..., i].reshape(*w.shape[:-1], *([1] * (base.dim() - w.dim() + 1)))
+        reference = reference + wi * (model(x) - base)
+    (reference.float() * probe).sum().backward()
+    torch.testing.assert_close(mixed, reference, atol=1e-5, rtol=1e-5)
+    reference_grads = {k: p.grad for k, p in params.items() if p.grad is not None}
+    assert mixed_grads.keys() == reference_grads.keys() and any(".c." in k for k in mixed_grads)
+    for key in mixed_grads:
+        torch.testing.assert_close(mixed_grads[key], reference_grads[key], atol=1e-5, rtol=1e-4)
+    routed = w.detach() != 0 if dispatch == "sparse" else torch.ones_like(w, dtype=torch.bool)
+    torch.testing.assert_close(mixed_w_grad[routed], w.grad[routed], atol=1e-4, rtol=1e-4)
+    assert not mixed_w_grad[~routed].any()  # sparse: a zero weight is no route, and gets no gradient

@@ -62,8 +62,7 @@ def expect_rows_alone(model: torch.nn.Module, reference: torch.nn.Module, names:
 @pytest.mark.parametrize("tokens", [1, 7], ids=["decode", "prefill"])
 def test_mixed_batch_equals_each_row_alone(setup, calls, monkeypatch, limit, tokens):
     model, reference, _ = setup
-    monkeypatch.setattr(stacked, "MAX_TOKENS_PER_ADAPTER", limit)
-    monkeypatch.setattr(stacked, "MAX_PADDING", limit)
+    monkeypatch.setitem(stacked.GRID_RULES, "cpu", stacked.GridRule(limit, limit))
     expect_rows_alone(model, reference, ["bone", "r8", None, "xs", "r2", "r8"], IDS[:, :tokens])
     assert bool(calls) == bool(limit)  # the forced kernel was the one taken
 
@@ -72,8 +71,7 @@ def test_unfactorable_adapters_are_attached_and_mix_with_slot_adapters(setup, ca
     """DoRA (not factorable) and LoRA with a bias are resident as attached modules (segment path), the others only
     in slots; one batch mixes both kinds, on the same layers."""
     model, reference, pool = setup
-    monkeypatch.setattr(stacked, "MAX_TOKENS_PER_ADAPTER", float("inf"))
-    monkeypatch.setattr(stacked, "MAX_PADDING", float("inf"))
+    monkeypatch.setitem(stacked.GRID_RULES, "cpu", stacked.GridRule(float("inf"), float("inf")))
     assert sorted(lorakit.configs(model)) == ["bias", "dora"]
     assert pool.in_slots() == {"r2", "r8", "xs", "bone"}
     expect_rows_alone(model, reference, ["dora", "bias", "r2", "r8"], IDS[:4])
@@ -84,8 +82,7 @@ def test_slot_adapters_pass_gradients_to_the_inputs(setup, monkeypatch):
     """Pool adapters are frozen, but the stacked path is differentiable in its input (e.g. for input saliency):
     the gradient of the mixed batch's loss w.r.t. the embeddings equals each row's alone, in train mode too."""
     model, reference, _ = setup
-    monkeypatch.setattr(stacked, "MAX_TOKENS_PER_ADAPTER", float("inf"))
-    monkeypatch.setattr(stacked, "MAX_PADDING", float("inf"))
+    monkeypatch.setitem(stacked.GRID_RULES, "cpu", stacked.GridRule(float("inf"), float("inf")))
     names = ["r2", "r8", None]
     embeds = model.get_input_embeddings()(IDS[:3, :2]).detach().requires_grad_(True)
     model.train()
@@ -112,12 +109,11 @@ def test_one_slot_adapter_for_every_row_equals_activating_it(setup, calls):
     lorakit.set_active(reference, "r8")
     with torch.no_grad():
         torch.testing.assert_close(routed, reference(IDS[:3]).logits, atol=1e-5, rtol=1e-5)
-    assert calls  # 3 rows x 7 tokens <= MAX_TOKENS_PER_ADAPTER: one slot's grid
+    assert calls  # 3 rows x 7 tokens <= the CPU rule's max_tokens: one slot's grid
 
 
 def test_plan_sends_long_or_skewed_groups_alone_and_the_rest_to_the_grid(monkeypatch):
-    monkeypatch.setattr(stacked, "MAX_TOKENS_PER_ADAPTER", 4)
-    monkeypatch.setattr(stacked, "MAX_PADDING", 2.0)
+    monkeypatch.setitem(stacked.GRID_RULES, "cpu", stacked.GridRule(4, 2.0))
     slots = {"a": 0, "b": 1, "c": 5}
 
     def plan(names: list[str | None], tokens: int = 1) -> tuple[list[int], list[int], int, list[list[int]]]:
@@ -166,8 +162,7 @@ def test_bgmv_against_a_row_by_row_reference(names, limit, grad, monkeypatch):
     (uneven groups, slots in use that are not contiguous, rows already in slot order, one slot for the whole batch,
     a skewed batch); rows without an adapter keep the base output. Without autograd the sum is formed in the base
     output's storage."""
-    monkeypatch.setattr(stacked, "MAX_TOKENS_PER_ADAPTER", limit if limit != 2 else 4)
-    monkeypatch.setattr(stacked, "MAX_PADDING", limit)
+    monkeypatch.setitem(stacked.GRID_RULES, "cpu", stacked.GridRule(limit if limit != 2 else 4, limit))
     torch.manual_seed(0)
     table = stacked.SlotTable(capacity=5)
     stack = stacked.SlotStack(table, d_in=5, d_out=6, like=torch.zeros((), dtype=torch.float64))

@@ -1,8 +1,9 @@
 """The host layer: one base layer + any number of named adapters + routing.
 
 ``HostLayer`` replaces a supported module in the user's model. It composes three independent things: a base
-backend (how the frozen weight is stored and applied), adapters (instances of registered methods), and routing
-(the active adapters summed, or an adapter per row of the batch).
+backend (how the frozen weight is stored and applied), adapters (instances of registered methods), and a routing
+strategy (:mod:`lorakit.routing.strategy`: the active adapters summed, an adapter per row of the batch, or weights per
+token over named adapters) to which its forward delegates.
 """
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import LorakitError
-from ..routing.rows import RowRouting
-from ..routing.stacked import SlotStack, apply_grouped, stackable
+from ..routing.stacked import SlotStack
+from ..routing.strategy import ACTIVE, Routing
 from .geometry import Geometry, geometry_of, mix_units, per_unit
 from .quantized import backend_for
 
@@ -36,7 +37,7 @@ class HostLayer(nn.Module):
         self.merged: list[str] = []
         self._merge_scales: dict[str, Tensor | None] = {}
         self.disabled = False
-        self.routing: RowRouting | None = None
+        self.routing: Routing | None = None  # the batch's strategy (lorakit.route / lorakit.mix); None: ACTIVE
         self.rewriters: list[str] = []  # adapters that rewrote the base (kept after deletion: the base stays so)
         self.stack: SlotStack | None = None  # slot tensors packed by an AdapterPool (the stacked path)
 
@@ -165,47 +166,9 @@ class HostLayer(nn.Module):
             if self.merged:
                 raise LorakitError(f"layer {self.path!r} has merged adapters {self.merged}; unmerge before disabling")
             return self.base_layer(x, *args, **kwargs)
-        if self.routing is not None:
-            return self._forward_rows(x, self.routing)
-        return self._forward_sum(tuple(a for a in self.active if a not in self.merged), x, *args, **kwargs)
-
-    def _forward_sum(self, live: tuple[str, ...], x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        """``base(x)`` plus the contributions of adapters ``live`` (fused when there is one and it can)."""
-        if not live:
-            return self.base_layer(x, *args, **kwargs)
-        if len(live) == 1:
-            fused = self.adapters[live[0]].fused_forward(x, self.backend)
-            if fused is not None:
-                return fused
-        base_out = self.base_layer(x, *args, **kwargs)
-        out = base_out
-        for name in live:
-            out = out + self.adapters[name](x, base_out, self.backend)
-        return out
-
-    def _forward_rows(self, x: Tensor, routing: RowRouting) -> Tensor:
-        """An adapter per row. Rows routed to an adapter pool's slots go through ``self.stack`` (the stacked path).
-        Rows of attached adapters: one grouped product over all of them when each is exactly ``B_eff A_eff``
-        (multi-job training: :func:`~lorakit.routing.stacked.apply_grouped`), else the segment path, one adapter
-        call per group of rows, all added back with one ``index_add``. Rows of no adapter (or of one that does not
-        target this layer) keep the base output."""
-        routing.check_rows(x.shape[0], self.path)
-        if self.merged:
-            raise LorakitError(f"layer {self.path!r} has merged adapters {self.merged}; unmerge before routing rows")
-        only = routing.only
-        if only is not None and (self.stack is None or only not in self.stack.table.slots):
-            return self._forward_sum((only,) if only in self.adapters else (), x)  # fused where it can be
-        base_out = self.base_layer(x)
-        out = base_out if self.stack is None else self.stack.apply(x, base_out, routing)
-        groups = [(name, idx) for name, idx in routing.groups(x.device) if name in self.adapters]
-        if len(groups) > 1 and all(stackable(self.adapters[n], self.geometry.kind) for n, _ in groups):
-            return apply_grouped(x, out, routing, {n: self.adapters[n].factors() for n, _ in groups})
-        pieces, rows = [], []
-        for name, idx in groups:
-            xs = x.index_select(0, idx)
-            pieces.append(self.adapters[name](xs, base_out.index_select(0, idx), self.backend))
-            rows.append(idx)
-        return out.index_add(0, torch.cat(rows), torch.cat(pieces)) if pieces else out
+        routing = ACTIVE if self.routing is None else self.routing
+        routing.check(self)
+        return routing.forward(self, x, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return f"path={self.path!r}, adapters={list(self.adapters)}, active={list(self.active)}"

@@ -1,8 +1,10 @@
-"""Per-row adapter routing (the segment path).
+"""Per-row adapter routing: one adapter name (or none) per row of the batch.
 
-A :class:`RowRouting` is built once per batch and shared by every host layer. It groups the rows by adapter
-so each layer runs one product per adapter segment, then adds all segments back with a single ``index_add``.
-Everything is differentiable: gradients reach each adapter from exactly its own rows.
+A :class:`RowRouting` is built once per batch and shared by every host layer. Per layer it picks the execution path:
+rows of an adapter pool's slots go through the layer's slot tensors (the stacked path, :mod:`.stacked`); rows of
+attached adapters share one grouped product when each is exactly ``B_eff A_eff`` (multi-job training), else run the
+segment path, one adapter call per group of rows, all added back with a single ``index_add``. Everything is
+differentiable: gradients reach each adapter from exactly its own rows.
 """
 from __future__ import annotations
 
@@ -12,9 +14,11 @@ import torch
 from torch import Tensor
 
 from ..errors import LorakitError
+from .stacked import apply_grouped, stackable
+from .strategy import Host, Routing, sum_of
 
 
-class RowRouting:
+class RowRouting(Routing):
     """Adapter name (or ``None`` for the base model) per row of the batch."""
 
     def __init__(self, names: Sequence[str | None]) -> None:
@@ -57,3 +61,24 @@ class RowRouting:
                 f"route() was given {len(self.names)} adapter names but layer {layer!r} received a batch of "
                 f"{n_rows} rows; give one name (or None) per row"
             )
+
+    def check(self, host: Host) -> None:
+        if host.merged:
+            raise LorakitError(f"layer {host.path!r} has merged adapters {host.merged}; unmerge before routing rows")
+
+    def forward(self, host: Host, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        """Rows of no adapter (or of one that does not target this layer) keep the base output."""
+        self.check_rows(x.shape[0], host.path)
+        only = self.only
+        if only is not None and (host.stack is None or only not in host.stack.table.slots):
+            return sum_of(host, (only,) if only in host.adapters else (), x, *args, **kwargs)  # fused where it can
+        base_out = host.base_layer(x, *args, **kwargs)
+        out = base_out if host.stack is None else host.stack.apply(x, base_out, self)
+        groups = [(name, idx) for name, idx in self.groups(x.device) if name in host.adapters]
+        if len(groups) > 1 and all(stackable(host.adapters[n], host.geometry.kind) for n, _ in groups):
+            return apply_grouped(x, out, self, {n: host.adapters[n].factors() for n, _ in groups})
+        pieces, rows = [], []
+        for name, idx in groups:
+            pieces.append(host.adapters[name](x.index_select(0, idx), base_out.index_select(0, idx), host.backend))
+            rows.append(idx)
+        return out.index_add(0, torch.cat(rows), torch.cat(pieces)) if pieces else out

@@ -17,10 +17,10 @@ to each row. Measured on CPU against the alternatives (``benchmarks/mixed_batch.
 once per row, and ``torch.nn.functional.grouped_mm`` loops over the groups in Python-visible ops on CPU; both were
 slower.
 
-A :class:`SlotPlan` (one per batch, shared by every layer) decides which rows go in the grid: a slot whose rows hold
-more than :data:`MAX_TOKENS_PER_ADAPTER` tokens (prefill), or whose many rows would pad the grid beyond
-:data:`MAX_PADDING` times its rows (a popular adapter in a skewed decode batch), runs alone, one pair of products over
-its rows (the segment path's shape, read from the slot tensors); the rest share the grid.
+A :class:`SlotPlan` (one per batch, shared by every layer) decides which rows go in the grid, by the :class:`GridRule`
+of the batch's device: a slot whose rows hold more than ``max_tokens`` tokens (prefill), or whose many rows would pad
+the grid beyond ``max_padding`` times its rows (a popular adapter in a skewed decode batch), runs alone, one pair of
+products over its rows (the segment path's shape, read from the slot tensors); the rest share the grid.
 
 The factors are stored transposed, ``A^T[n, d_in, r_max]`` and ``B^T[n, r_max, d_out]``, the layout ``torch.bmm``
 reads fastest (2-4x faster on CPU than transposed views of ``A[n, r_max, d_in]``, ``B[n, d_out, r_max]``). Adapters
@@ -32,20 +32,40 @@ slots. The same plan and product also serve attached adapters routed per row whe
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import LorakitError
-from .rows import RowRouting
 
-# A slot's rows join the grid when they hold at most MAX_TOKENS_PER_ADAPTER tokens, and while the padded grid keeps
-# at most MAX_PADDING times the rows it holds. Both measured on CPU (benchmarks/mixed_batch.py and its layer-level
-# skew check; docs/benchmarks.md, "Mixed-adapter batches").
-MAX_TOKENS_PER_ADAPTER = 32
-MAX_PADDING = 2.0
+if TYPE_CHECKING:
+    from .rows import RowRouting
+
+
+@dataclass(frozen=True)
+class GridRule:
+    """A slot's rows join the padded grid when they hold at most ``max_tokens`` tokens, and while the grid keeps at
+    most ``max_padding`` times the rows it holds; the other slots run alone, one product pair each."""
+
+    max_tokens: float
+    max_padding: float
+
+
+# Per device type. CPU: measured (benchmarks/mixed_batch.py and its layer-level skew check; docs/benchmarks.md,
+# "Mixed-adapter batches"): one product pair per large group is faster than padding it. Accelerators: every slot in
+# one grid (one launch pair per layer instead of one per group: a prefill with 16 adapters spent 35% of GPU time in
+# per-group index_select / index_add_, issue 16), padding up to 4x. Not yet measured on a GPU: issue 16 tunes it.
+GRID_RULES: dict[str, GridRule] = {"cpu": GridRule(max_tokens=32, max_padding=2.0)}
+ACCELERATOR_RULE = GridRule(max_tokens=math.inf, max_padding=4.0)
+
+
+def grid_rule(device: torch.device) -> GridRule:
+    """The :class:`GridRule` for ``device``'s type."""
+    return GRID_RULES.get(device.type, ACCELERATOR_RULE)
 
 
 class SlotTable:
@@ -77,15 +97,16 @@ class SlotTable:
 def plan_rows(names: list[str | None], slot_of: dict[str, int], tokens: int, device: torch.device,
               max_tokens: float | None = None) -> SlotPlan:
     """Rows whose adapter has a slot in ``slot_of``: which run alone per slot (more than ``max_tokens`` tokens,
-    default :data:`MAX_TOKENS_PER_ADAPTER`, or too many rows to pad) and which share the padded grid."""
-    limit = MAX_TOKENS_PER_ADAPTER if max_tokens is None else max_tokens
+    default the device's :func:`grid_rule`, or too many rows to pad) and which share the padded grid."""
+    rule = grid_rule(device)
+    limit = rule.max_tokens if max_tokens is None else max_tokens
     by_slot: dict[int, list[int]] = {}
     for row, name in enumerate(names):
         if name in slot_of:
             by_slot.setdefault(slot_of[name], []).append(row)
     alone = [s for s, rows in by_slot.items() if len(rows) * tokens > limit]
     grid = sorted((s for s in by_slot if s not in alone), key=lambda s: len(by_slot[s]), reverse=True)
-    while grid and len(grid) * len(by_slot[grid[0]]) > MAX_PADDING * sum(len(by_slot[s]) for s in grid):
+    while grid and len(grid) * len(by_slot[grid[0]]) > rule.max_padding * sum(len(by_slot[s]) for s in grid):
         alone.append(grid.pop(0))  # the largest group pads the others most: it runs alone
     grid.sort()
     most = max((len(by_slot[s]) for s in grid), default=0)

@@ -6,13 +6,14 @@ with a stop *before* any update on a non-finite loss or norm, the hooks around `
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
-from transformers import get_linear_schedule_with_warmup
+from torch.optim.lr_scheduler import LambdaLR
 
 from ..hooks import HookList, TrainingHook, optimized_parameters
 from ..optim import build_optimizer
@@ -40,6 +41,22 @@ class TrainConfig:
         return self.batch_size * self.grad_accum
 
 
+def _linear_warmup_decay(step: int, *, warmup: int, total: int) -> float:
+    if step < warmup:
+        return step / max(1, warmup)
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def linear_schedule_with_warmup(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> LambdaLR:
+    """The learning rate rises linearly from 0 over ``warmup`` steps, then falls linearly to 0 at step ``total``.
+
+    The same factors as transformers' ``get_linear_schedule_with_warmup``, defined here because importing
+    ``transformers.optimization`` imports ``transformers.trainer_utils`` and with it peft, bitsandbytes and torchao
+    when they are installed (seconds of start-up, and their warnings on every ``lorakit`` command).
+    """
+    return LambdaLR(optimizer, functools.partial(_linear_warmup_decay, warmup=warmup, total=total))
+
+
 class AdapterSteps:
     """Optimizes ``named_params`` of ``model`` (an adapter's tensors, or every weight) with ``config``'s optimizer
     and linear warmup/decay schedule."""
@@ -50,8 +67,8 @@ class AdapterSteps:
         self.hooks = HookList(hooks)
         self.optimizer = build_optimizer(config.optimizer, named_params, lr=config.lr,
                                          weight_decay=config.weight_decay, **config.optimizer_options)
-        self.scheduler = get_linear_schedule_with_warmup(
-            self.optimizer, math.ceil(config.warmup * config.steps), config.steps)
+        self.scheduler = linear_schedule_with_warmup(self.optimizer, math.ceil(config.warmup * config.steps),
+                                                     config.steps)
         self.step = 0
 
     @property

@@ -13,8 +13,8 @@ from typing import Sequence
 
 from torch import Tensor, nn
 
-from ..init.registry import INITS
 from ..data_init import initialize
+from ..init.registry import INITS
 from ..inject import configs
 from ..io.adapter_files import reproducible_from_file, save_adapter
 from ..io.export import export_lora

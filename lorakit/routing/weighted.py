@@ -1,0 +1,152 @@
+"""Weighted routing: a weight per token and named adapter, given or computed by a router (mixtures of LoRA experts).
+
+For layer input ``x`` with tokens ``t`` and adapters ``i = 1..n``:
+
+    out_t = base(x)_t + sum_i  w_{t,i} * delta_i(x)_t          delta_i(x) = adapter_i(x, base(x))
+
+The weights come from outside (a tensor: one weight per adapter ``(n,)``, per row ``(B, n)`` or per token
+``(B, T, n)``, the same for every layer) or from a router, any callable ``router(layer_path, x) -> (*tokens, n)``
+asked by each layer for its own input (:class:`GateRouter`: a linear gate per layer, softmax, optional top-k). A
+router that is an ``nn.Module`` is registered on the model (``lorakit.add_router``), so its parameters train and save
+like an adapter's shared state.
+
+Dispatch (``dispatch=``): ``"sparse"`` (default) runs adapter ``i`` only on the tokens whose weight for it is not
+zero (gathered rows, one adapter call, added back with ``index_add``): with a top-k router each adapter sees only its
+tokens, and a zero weight is no route (its gradient is zero, as in top-k mixtures). ``"dense"`` runs every adapter
+on every token and multiplies: the reference, whose gradient reaches every weight. Tokens are the positions of the
+layer's input but the last axis (linear), every id (embedding), or whole rows (conv: per-row weights only, a
+convolution mixes positions).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import LorakitError, require
+from ..registry import Registry
+from .strategy import Host, Routing
+
+Router = Callable[[str, Tensor], Tensor]
+DISPATCHES = ("sparse", "dense")
+
+
+class WeightedRouting(Routing):
+    """``base(x) + sum_i w_i * delta_i(x)`` over adapters ``names`` with weights ``weights`` (tensor or router)."""
+
+    def __init__(self, names: Sequence[str], weights: Tensor | Router, dispatch: str = "sparse") -> None:
+        require(len(names) > 0 and len(set(names)) == len(names), "names", list(names),
+                "must be one or more distinct adapter names")
+        require(dispatch in DISPATCHES, "dispatch", dispatch, f"must be one of {DISPATCHES}")
+        if isinstance(weights, Tensor):
+            require(weights.dim() in (1, 2, 3) and weights.shape[-1] == len(names), "weights", tuple(weights.shape),
+                    f"must be (n,), (rows, n) or (rows, tokens, n) with n = {len(names)} adapters")
+        else:
+            require(callable(weights), "weights", type(weights).__name__, "must be a tensor or a router callable")
+        self.names, self.weights, self.dispatch = list(names), weights, dispatch
+
+    def check(self, host: Host) -> None:
+        if host.merged:
+            raise LorakitError(f"layer {host.path!r} has merged adapters {host.merged}; unmerge before mixing")
+
+    def weights_for(self, host: Host, x: Tensor) -> Tensor:
+        """``(*tokens, n)`` weights of this layer's tokens (``(rows, n)`` on a conv layer)."""
+        tokens = _token_shape(host.geometry.kind, x)
+        w = self.weights(host.path, x) if callable(self.weights) else self.weights
+        n = len(self.names)
+        if w.shape[-1] != n or w.dim() - 1 > len(tokens) or tuple(w.shape[:-1]) != tokens[: w.dim() - 1]:
+            raise LorakitError(
+                f"layer {host.path!r}: routing weights of shape {tuple(w.shape)} do not fit its input of shape "
+                f"{tuple(x.shape)}; give (n,), (rows, n) or (rows, tokens, n) with n = {n}"
+                + (" (a conv layer takes one weight per row)" if host.geometry.kind == "conv" else ""))
+        w = w.reshape(*w.shape[:-1], *([1] * (len(tokens) - w.dim() + 1)), n)
+        return w.expand(*tokens, n)
+
+    def forward(self, host: Host, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        base_out = host.base_layer(x, *args, **kwargs)
+        present = [(i, n) for i, n in enumerate(self.names) if n in host.adapters]
+        if not present:
+            return base_out
+        weights = self.weights_for(host, x)
+        flat_x, flat_base = _by_token(host.geometry.kind, x, base_out, math.prod(weights.shape[:-1]))
+        out = flat_base
+        for i, name in present:
+            w = weights[..., i].reshape(-1)  # (N,) one weight per token
+            adapter = host.adapters[name]
+            rows = None if self.dispatch == "dense" else w.nonzero().squeeze(1)  # the tokens routed to it
+            if rows is not None and rows.numel() == 0:
+                continue
+            if rows is None or rows.numel() == w.numel():
+                out = out + _per_token(w, out) * adapter(flat_x, flat_base, host.backend)
+                continue
+            delta = adapter(flat_x.index_select(0, rows), flat_base.index_select(0, rows), host.backend)
+            out = out.index_add(0, rows, _per_token(w.index_select(0, rows), delta) * delta)
+        return out.reshape(base_out.shape)
+
+
+def _token_shape(kind: str, x: Tensor) -> tuple[int, ...]:
+    return {"linear": tuple(x.shape[:-1]), "embedding": tuple(x.shape), "conv": tuple(x.shape[:1])}[kind]
+
+
+def _by_token(kind: str, x: Tensor, base_out: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """Input and base output with the ``n`` tokens along the first axis (conv layers: the rows as they are)."""
+    if kind == "conv":
+        return x, base_out
+    return (x.reshape(n, -1) if kind == "linear" else x.reshape(n)), base_out.reshape(n, base_out.shape[-1])
+
+
+def _per_token(w: Tensor, like: Tensor) -> Tensor:
+    """``w (N,)`` shaped to multiply ``like (N, ...)`` token by token."""
+    return w.reshape(-1, *([1] * (like.dim() - 1))).to(like.dtype)
+
+
+ROUTER_KINDS: Registry[type[nn.Module]] = Registry("router kind")
+
+
+@ROUTER_KINDS.decorator("gate")
+class GateRouter(nn.Module):
+    """A linear gate per layer: ``w = softmax(G_l x / temperature)``, optionally kept to the ``top_k`` largest per
+    token and renormalised (MoLA / MixLoRA style); ``G_l`` is ``(n, d_in)``, zero at init (uniform weights).
+
+    Args:
+        n: number of adapters the weights range over.
+        layers: layer path -> its input width (``d_in``), for every layer the router serves.
+        top_k: keep the ``k`` largest weights per token (``None``: all, dense softmax).
+        temperature: softmax temperature.
+    """
+
+    def __init__(self, n: int, layers: dict[str, int], top_k: int | None = None, temperature: float = 1.0) -> None:
+        super().__init__()
+        require(isinstance(n, int) and n >= 1, "n", n, "must be a positive integer")
+        require(top_k is None or (isinstance(top_k, int) and 1 <= top_k <= n), "top_k", top_k,
+                f"must be None or an integer in [1, {n}]")
+        require(temperature > 0, "temperature", temperature, "must be > 0")
+        require(len(layers) > 0, "layers", layers, "must name at least one layer")
+        self.n, self.top_k, self.temperature = n, top_k, temperature
+        self.paths = {path: f"layer{i}" for i, path in enumerate(layers)}
+        self.gates = nn.ModuleDict({self.paths[p]: nn.Linear(d, n, bias=False) for p, d in layers.items()})
+        for gate in self.gates.values():
+            nn.init.zeros_(gate.weight)
+
+    kind = "gate"
+
+    def config(self) -> dict[str, Any]:
+        """What rebuilds this router (saved beside its tensors)."""
+        return {"n": self.n, "layers": {p: g.in_features for p, g in zip(self.paths, self.gates.values())},
+                "top_k": self.top_k, "temperature": self.temperature}
+
+    def forward(self, path: str, x: Tensor) -> Tensor:
+        if path not in self.paths:
+            raise LorakitError(f"router has no gate for layer {path!r}; it serves: {sorted(self.paths)[:5]}")
+        if not x.is_floating_point():
+            raise LorakitError(f"layer {path!r}: a gate router reads a linear layer's input vectors, not token ids")
+        gate = self.gates[self.paths[path]]
+        probs = F.softmax(gate(x.to(gate.weight.dtype)) / self.temperature, dim=-1)  # (*tokens, n)
+        if self.top_k is None or self.top_k == self.n:
+            return probs
+        top = probs.topk(self.top_k, dim=-1)
+        kept = torch.zeros_like(probs).scatter(-1, top.indices, top.values)
+        return kept / kept.sum(-1, keepdim=True)
