@@ -126,7 +126,7 @@ class GateRouter(nn.Module):
         require(temperature > 0, "temperature", temperature, "must be > 0")
         require(len(layers) > 0, "layers", layers, "must name at least one layer")
         self.n, self.top_k, self.temperature = n, top_k, temperature
-        self.paths = {path: f"layer{i}" for i, path in enumerate(layers)}
+        self.paths = {path: path.replace(".", "-") for path in layers}  # module names cannot hold dots
         self.gates = nn.ModuleDict({self.paths[p]: nn.Linear(d, n, bias=False) for p, d in layers.items()})
         for gate in self.gates.values():
             nn.init.zeros_(gate.weight)
@@ -135,7 +135,7 @@ class GateRouter(nn.Module):
 
     def config(self) -> dict[str, Any]:
         """What rebuilds this router (saved beside its tensors)."""
-        return {"n": self.n, "layers": {p: g.in_features for p, g in zip(self.paths, self.gates.values())},
+        return {"n": self.n, "layers": {p: self.gates[key].in_features for p, key in self.paths.items()},
                 "top_k": self.top_k, "temperature": self.temperature}
 
     def forward(self, path: str, x: Tensor) -> Tensor:
