@@ -8,10 +8,10 @@ from transformers import LlamaForCausalLM
 from zoo import perturb, tiny_llama
 
 import lorakit
+from lorakit.hosts import codebook
 from lorakit.hosts.codecs import CODECS
 from lorakit.hosts.quantized import QuantizedBackend
 from lorakit.init.alternating import decompose
-from lorakit.hosts import codebook
 from lorakit.quant.int21 import effective_bits, int21
 from lorakit.quant.lq_lora import allocate, empirical_fisher, lq_lora
 from lorakit.quant.model import bits_per_parameter, quantized_layers
