@@ -298,6 +298,14 @@ def trainable_parameters(model: nn.Module, name: str | None = None) -> dict[str,
     return out
 
 
+def parameter_roles(model: nn.Module) -> dict[str, str]:
+    """The structural role of trained tensors, by their :func:`trainable_parameters` name: ``"up"`` for each
+    adapter's up-projection factors (``Adapter.up_projections``); tensors without a role are absent."""
+    return {f"{host.path}.adapters.{adapter_name}.{key}": "up"
+            for host in hosts(model) for adapter_name, adapter in host.adapters.items()
+            for key in adapter.up_projections()}
+
+
 @dataclass(frozen=True)
 class TargetInfo:
     """One row of :func:`inspect_targets`: a layer that would be adapted."""

@@ -48,7 +48,9 @@ def factors(model: Net) -> tuple[nn.Parameter, nn.Parameter]:
 def test_loraplus_trains_b_at_ratio_times_the_learning_rate() -> None:
     model, x = tiny()
     a, b = factors(model)
-    opt = build_optimizer("loraplus", lorakit.trainable_parameters(model), lr=LR, ratio=4.0)
+    roles = lorakit.inject.parameter_roles(model)
+    assert roles == {"layer.adapters.default.lora_B.weight": "up"}
+    opt = build_optimizer("loraplus", lorakit.trainable_parameters(model), lr=LR, ratio=4.0, roles=roles)
     a0, b0 = a.detach().clone(), b.detach().clone()
     ga, gb = [], []
     for _ in range(2):
@@ -88,8 +90,21 @@ def test_update_rule_options_are_checked() -> None:
         build_optimizer("loraplus", named, lr=LR, ratio=0.0)
     with pytest.raises(ConfigError, match="eta"):
         build_optimizer("allora", named, lr=LR, eta=-1.0)
-    with pytest.raises(ConfigError, match="no B factor"):
-        build_optimizer("loraplus", {"x.adapters.default.lora_A.weight": factors(model)[0]}, lr=LR)
+    with pytest.raises(ConfigError, match="no up-projection"):
+        build_optimizer("loraplus", named, lr=LR, roles=None)
+
+
+@pytest.mark.parametrize("method,up", [("lora", "lora_embedding_B"), ("sora", "lora_B"), ("slora", "lora_B"),
+                                       ("dylora", "lora_embedding_B"), ("bone", None)])
+def test_up_projections_are_declared_by_each_method(method, up) -> None:
+    """LoRA+'s B factors come from the adapters' protocol (``up_projections``), whatever the tensors' names."""
+    model = Net(nn.Embedding(20, 8))
+    if method == "bone":
+        model = Net(nn.Linear(8, 8))
+    lorakit.adapt(model, lorakit.build_config(method, targets=["layer"]))
+    roles = lorakit.inject.parameter_roles(model)
+    assert roles == ({} if up is None else {f"layer.adapters.default.{up}": "up"})
+    assert set(roles) <= set(lorakit.trainable_parameters(model))
 
 
 def ggpo_step(model: Net, x: torch.Tensor, hooks: HookList, opt: torch.optim.Optimizer, step: int) -> None:

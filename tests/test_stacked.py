@@ -212,3 +212,17 @@ def test_attached_adapters_train_through_one_grouped_product(monkeypatch, dropou
             model(ids[i : i + 1]).logits.square().sum().backward()
     for key, p in lorakit.trainable_parameters(model).items():
         torch.testing.assert_close(routed[key], p.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_only_deterministic_factorable_adapters_take_the_grouped_product():
+    """``stackable`` reads the adapter's protocol: factorable, no bias, and not stochastic (an active dropout)."""
+    model = torch.nn.Sequential(torch.nn.Linear(6, 6))
+    lorakit.adapt(model, lorakit.LoraConfig(r=2, targets=["0"], dropout=0.1), "drop")
+    lorakit.adapt(model, lorakit.LoraConfig(r=2, targets=["0"]), "plain")
+    lorakit.adapt(model, lorakit.DoraConfig(r=2, targets=["0"]), "dora")
+    adapters = model[0].adapters
+    model.train()
+    assert adapters["drop"].stochastic and not stacked.stackable(adapters["drop"], "linear")
+    assert stacked.stackable(adapters["plain"], "linear") and not stacked.stackable(adapters["dora"], "linear")
+    model.eval()
+    assert not adapters["drop"].stochastic and stacked.stackable(adapters["drop"], "linear")

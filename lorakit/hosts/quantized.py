@@ -16,7 +16,7 @@ import logging
 import torch
 from torch import Tensor, nn
 
-from .backend import DenseBackend
+from .backend import Backend, DenseBackend
 from .codecs import Codec, codec_of
 
 log = logging.getLogger(__name__)
@@ -27,6 +27,7 @@ class QuantizedBackend:
 
     supports_merge = True
     quantized = True
+    materialized = False  # weight() dequantises into a fresh tensor on every call
 
     def __init__(self, module: nn.Module, codec: Codec) -> None:
         self.module = module
@@ -93,7 +94,7 @@ class QuantizedBackend:
         return self.module(x)
 
 
-def backend_for(module: nn.Module) -> DenseBackend | QuantizedBackend:
+def backend_for(module: nn.Module) -> Backend:
     """The backend of a host layer's base module: quantised when a codec made it, else dense."""
     codec = codec_of(module)
     return DenseBackend(module) if codec is None else QuantizedBackend(module, codec)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..hosts.backend import DenseBackend
+from ..hosts.backend import Backend
 from ..hosts.geometry import Geometry
 
 
@@ -29,25 +29,25 @@ def precise(t: Tensor) -> Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def base_matrix(geometry: Geometry, base: DenseBackend) -> Tensor:
+def base_matrix(geometry: Geometry, base: Backend) -> Tensor:
     """The base weight in factor layout, at least float32 (what weight-based initialisers factorise)."""
     return precise(to_matrix(geometry, base.weight().detach()))
 
 
 @torch.no_grad()
-def subtract_from_base(geometry: Geometry, base: DenseBackend, delta: Tensor) -> None:
+def subtract_from_base(geometry: Geometry, base: Backend, delta: Tensor) -> None:
     """``W <- W - delta`` with ``delta`` in factor layout, computed in at least float32."""
     w = base.weight()
     base.set_weight(precise(w) - from_matrix(geometry, precise(delta), w))
 
 
 @torch.no_grad()
-def replace_base(geometry: Geometry, base: DenseBackend, matrix: Tensor) -> None:
+def replace_base(geometry: Geometry, base: Backend, matrix: Tensor) -> None:
     """``W <- matrix`` (factor layout)."""
     base.set_weight(from_matrix(geometry, matrix, base.weight()))
 
 
-def factor_dtype(base: DenseBackend, fallback: torch.dtype) -> torch.dtype:
+def factor_dtype(base: Backend, fallback: torch.dtype) -> torch.dtype:
     """The dtype adapter factors take on this layer (the base's floating dtype), so compensation is exact."""
     w = base.weight()
     return w.dtype if w.is_floating_point() else fallback
@@ -66,7 +66,7 @@ class BaseRewrite:
     down: Tensor | None = None  # (r, cols)
     replacement: Tensor | None = None  # (rows, cols)
 
-    def apply(self, geometry: Geometry, base: DenseBackend) -> None:
+    def apply(self, geometry: Geometry, base: Backend) -> None:
         if self.replacement is not None:
             replace_base(geometry, base, self.replacement)
         else:
@@ -79,7 +79,7 @@ class RewritesBase:
 
     _rewrite: BaseRewrite | None = None
 
-    def attach(self, base: DenseBackend) -> None:
+    def attach(self, base: Backend) -> None:
         if self._rewrite is not None:
             self._rewrite.apply(self.geometry, base)  # type: ignore[attr-defined]
             self._rewrite = None

@@ -36,8 +36,8 @@ def export_lora(model: nn.Module, directory: str | Path, name: str = "default") 
     """Write adapter ``name`` as a plain LoRA/DoRA (rank ``2r``) relative to the unmodified base weights."""
     config = config_of(model, name)
     layers = [h for h in hosts(model) if name in h.adapters]
-    rewrote = any(hasattr(h.adapters[name], "init_lora_A") or getattr(h.adapters[name], "base_replaced", False)
-                  for h in layers)  # the base differs from the stock one: the LoRA path below handles or refuses it
+    rewrote = any(name in h.rewriters for h in layers)  # the base differs from the stock one: the LoRA path below
+    # handles (a residual initialisation) or refuses (a replaced base) it
     if not rewrote and all(h.adapters[name].capabilities.factorable for h in layers):
         return _export_factors(model, directory, name, layers)
     require(isinstance(config, LoraConfig), "adapter", name,

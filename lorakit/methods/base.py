@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ..config import AdapterConfig
 from ..errors import LorakitError
-from ..hosts.backend import DenseBackend
+from ..hosts.backend import Backend
 from ..hosts.geometry import Geometry, mix_units, per_unit
 from ..registry import Registry
 
@@ -59,7 +59,7 @@ class Adapter(nn.Module):
 
     capabilities = Capabilities()
 
-    def __init__(self, geometry: Geometry, config: AdapterConfig, base: DenseBackend) -> None:
+    def __init__(self, geometry: Geometry, config: AdapterConfig, base: Backend) -> None:
         super().__init__()
         self.geometry = geometry
         self.config = config
@@ -78,11 +78,11 @@ class Adapter(nn.Module):
         """Keep a reference to ``shared`` without making it a submodule (its tensors are not this layer's)."""
         self.__dict__["_shared"] = shared
 
-    def forward(self, x: Tensor, base_out: Tensor, base: DenseBackend) -> Tensor:
+    def forward(self, x: Tensor, base_out: Tensor, base: Backend) -> Tensor:
         """The contribution to add to ``base_out`` (the frozen layer's output for the same rows)."""
         raise NotImplementedError
 
-    def fused_forward(self, x: Tensor, base: DenseBackend) -> Tensor | None:
+    def fused_forward(self, x: Tensor, base: Backend) -> Tensor | None:
         """Optionally compute ``base(x) + forward(...)`` in one fused op; ``None`` means "not here"."""
         return None
 
@@ -91,7 +91,7 @@ class Adapter(nn.Module):
         """Whether its saved tensors plus the stock base (re-initialised on load) reproduce this adapter."""
         return True
 
-    def attach(self, base: DenseBackend) -> None:
+    def attach(self, base: Backend) -> None:
         """Called once when the adapter joins its host layer: the place to rewrite the base (PiSSA's residual)."""
 
     @property
@@ -99,7 +99,7 @@ class Adapter(nn.Module):
         """Whether the next :meth:`attach` rewrites the base weight (a residual initialisation such as PiSSA's)."""
         return False
 
-    def merge_scale(self, base: DenseBackend) -> Tensor | None:
+    def merge_scale(self, base: Backend) -> Tensor | None:
         """Per-output-unit factor this adapter applies to the base weight when merged (``None``: 1).
 
         Merging maps ``W0 -> merge_scale * W0 + merge_delta(merge_scale)``; only weight-rescaling methods (DoRA)
@@ -107,7 +107,7 @@ class Adapter(nn.Module):
         """
         return None
 
-    def merge_map(self, base: DenseBackend) -> Tensor | None:
+    def merge_map(self, base: Backend) -> Tensor | None:
         """A ``(d_out, d_out)`` matrix ``L`` this adapter applies to the base weight's output units (``None``: ``I``).
 
         For methods whose update acts on ``W0`` through a non-diagonal map on the output side (``L W0 x``: Hydra's
@@ -126,7 +126,7 @@ class Adapter(nn.Module):
         """What merging adds to the base layer's bias (``None``: nothing)."""
         return None
 
-    def delta_weight(self, base: DenseBackend) -> Tensor:
+    def delta_weight(self, base: Backend) -> Tensor:
         """The dense update ``W' - W0`` in the base weight's canonical layout (float32)."""
         unit_scale, unit_map = self.merge_scale(base), self.merge_map(base)
         delta = self.merge_delta(unit_scale).float()
@@ -140,6 +140,12 @@ class Adapter(nn.Module):
             delta = delta + mix_units(unit_map.float() - eye, w)  # (L - I) W0, exact where L = I
         return delta
 
+    @property
+    def stochastic(self) -> bool:
+        """Whether the forward draws random numbers in the current mode (an active dropout): then the update is not
+        exactly ``factors()`` for a given input, and the stacked / grouped products do not apply."""
+        return self.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in self.modules())
+
     def factors(self) -> tuple[Tensor, Tensor] | None:
         """``(B_eff, A_eff)`` with the scale folded in, when the update is exactly low rank."""
         return None
@@ -148,8 +154,13 @@ class Adapter(nn.Module):
         """The tensors this adapter trains, by their state-dict name."""
         raise NotImplementedError
 
+    def up_projections(self) -> dict[str, nn.Parameter]:
+        """The trained up-projection factors (``B``, the output side of a low-rank product), keyed as in
+        :meth:`trainable`; LoRA+ trains them at a larger learning rate. Default: none."""
+        return {}
 
-def base_product(geometry: Geometry, base_out: Tensor, base: DenseBackend) -> Tensor:
+
+def base_product(geometry: Geometry, base_out: Tensor, base: Backend) -> Tensor:
     """``W0 x`` recovered from the frozen layer's output ``W0 x + b`` (for methods that act on ``W0``)."""
     return base_out if base.bias is None else base_out - geometry.channel(base.bias)
 

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ..config import AdapterConfig
 from ..errors import require
-from ..hosts.backend import DenseBackend
+from ..hosts.backend import Backend
 from ..hosts.geometry import Geometry
 from .base import Adapter, Capabilities, register_method
 
@@ -54,7 +54,7 @@ class BlockLora(Adapter):
 
     capabilities = Capabilities(factorable=True)
 
-    def __init__(self, geometry: Geometry, config: BlockLoraConfig, base: DenseBackend) -> None:
+    def __init__(self, geometry: Geometry, config: BlockLoraConfig, base: Backend) -> None:
         super().__init__(geometry, config, base)
         block = config.r // config.n
         self.scale = config.alpha / config.r
@@ -67,7 +67,7 @@ class BlockLora(Adapter):
     def up(self) -> Tensor:  # sum_i B_i: (d_out, r/n[, 1...])
         return self.block_B.sum(0)
 
-    def forward(self, x: Tensor, base_out: Tensor, base: DenseBackend) -> Tensor:
+    def forward(self, x: Tensor, base_out: Tensor, base: Backend) -> Tensor:
         if x.is_floating_point():  # embeddings take token ids
             x = x.to(self.block_A.dtype)
         h = self.geometry.down(x, self.block_A)  # (..., r/n): computed once, shared by every block

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..config import AdapterConfig
 from ..errors import require
-from ..hosts.backend import DenseBackend
+from ..hosts.backend import Backend
 from ..hosts.geometry import Geometry
 from .base import Adapter, Capabilities, register_method
 
@@ -61,7 +61,7 @@ class Bone(Adapter):
 
     capabilities = Capabilities(layers=frozenset({"linear"}), factorable=True)
 
-    def __init__(self, geometry: Geometry, config: BoneConfig, base: DenseBackend) -> None:
+    def __init__(self, geometry: Geometry, config: BoneConfig, base: Backend) -> None:
         super().__init__(geometry, config, base)
         require(config.r <= geometry.d_in, "r", config.r, f"must be <= the layer's d_in ({geometry.d_in})")
         mini = config.variant == "mini"
@@ -77,7 +77,7 @@ class Bone(Adapter):
             return self.miss_block.repeat(1, self.geometry.d_out // self.config.mini_r)
         return self.miss_block
 
-    def forward(self, x: Tensor, base_out: Tensor, base: DenseBackend) -> Tensor:
+    def forward(self, x: Tensor, base_out: Tensor, base: Backend) -> Tensor:
         r = self.config.r
         x = self.dropout(x.to(self.miss_block.dtype))
         if x.shape[-1] % r:  # zero-pad the last block (a copy, so only when needed)

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ..config import AdapterConfig
 from ..errors import ConfigError, require
-from ..hosts.backend import DenseBackend
+from ..hosts.backend import Backend
 from ..hosts.geometry import Geometry
 from .base import Adapter, Capabilities, SharedState, register_method
 
@@ -89,7 +89,7 @@ class Compacter(Adapter):
         assert isinstance(config, CompacterConfig)
         return CompacterRules(config)
 
-    def __init__(self, geometry: Geometry, config: CompacterConfig, base: DenseBackend, *,
+    def __init__(self, geometry: Geometry, config: CompacterConfig, base: Backend, *,
                  shared: CompacterRules) -> None:
         super().__init__(geometry, config, base)
         self.hold_shared(shared)
@@ -109,7 +109,7 @@ class Compacter(Adapter):
             nn.init.kaiming_uniform_(p, a=math.sqrt(5))
         nn.init.zeros_(self.phm_up_s)
 
-    def forward(self, x: Tensor, base_out: Tensor, base: DenseBackend) -> Tensor:
+    def forward(self, x: Tensor, base_out: Tensor, base: Backend) -> Tensor:
         rule = self.shared.phm_rule
         h = phm_apply(x.to(rule.dtype), rule, self.phm_down_s, self.phm_down_t)  # (..., k)
         return phm_apply(h, rule, self.phm_up_s, self.phm_up_t).to(base_out.dtype)  # (..., d_out)

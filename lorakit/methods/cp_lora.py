@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import AdapterConfig, require_rank_and_alpha
-from ..hosts.backend import DenseBackend
+from ..hosts.backend import Backend
 from ..hosts.geometry import ConvGeometry, Geometry, per_unit
 from .base import Adapter, Capabilities, base_product, register_method
 from .flora_n import unit_kernel
@@ -63,7 +63,7 @@ class CpLora(Adapter):
 
     capabilities = Capabilities(layers=frozenset({"linear", "conv"}), factorable=True)
 
-    def __init__(self, geometry: Geometry, config: CpLoraConfig, base: DenseBackend) -> None:
+    def __init__(self, geometry: Geometry, config: CpLoraConfig, base: Backend) -> None:
         super().__init__(geometry, config, base)
         kernel = geometry.kernel_size if isinstance(geometry, ConvGeometry) else ()
         self.kernel = kernel
@@ -92,7 +92,7 @@ class CpLora(Adapter):
             h = conv(h, depthwise, None, g.stride, g.padding, g.dilation, self.config.r)  # (B, R, *spatial')
         return g.up(h, unit_kernel(g, self.cp_out)) * self.scale  # (B, d_out, *spatial')
 
-    def forward(self, x: Tensor, base_out: Tensor, base: DenseBackend) -> Tensor:
+    def forward(self, x: Tensor, base_out: Tensor, base: Backend) -> Tensor:
         return self.cp_product(x).to(base_out.dtype)
 
     def cp_factors(self) -> tuple[Tensor, Tensor]:
@@ -119,28 +119,28 @@ class CpDora(CpLora):
 
     capabilities = Capabilities(layers=frozenset({"linear", "conv"}))
 
-    def __init__(self, geometry: Geometry, config: CpDoraConfig, base: DenseBackend) -> None:
+    def __init__(self, geometry: Geometry, config: CpDoraConfig, base: Backend) -> None:
         super().__init__(geometry, config, base)
         norm = self.geometry.matrix(base.weight()).float().norm(dim=1)
         self.magnitude = nn.Parameter(norm.to(self.cp_out))  # (d_out,)
 
     @torch.no_grad()
-    def row_norm(self, base: DenseBackend) -> Tensor:
+    def row_norm(self, base: Backend) -> Tensor:
         """``||W0 + dW||`` per output unit (float32) from the factors: ``dW = B A`` is never formed."""
         w = self.geometry.matrix(base.weight()).float()  # (d_out, k)
         b, a = (t.float() for t in self.cp_factors())  # (d_out, R), (R, k)
         sq = w.pow(2).sum(1) + 2 * ((w @ a.t()) * b).sum(1) + ((b @ (a @ a.t())) * b).sum(1)
         return sq.clamp_min(0).sqrt()
 
-    def magnitude_scale(self, base: DenseBackend) -> Tensor:
+    def magnitude_scale(self, base: Backend) -> Tensor:
         return self.magnitude / self.row_norm(base).to(self.magnitude.dtype)  # g = m / ||W0 + dW||
 
-    def forward(self, x: Tensor, base_out: Tensor, base: DenseBackend) -> Tensor:
+    def forward(self, x: Tensor, base_out: Tensor, base: Backend) -> Tensor:
         g = self.geometry.channel(self.magnitude_scale(base))
         w0x = base_product(self.geometry, base_out, base).to(self.cp_out.dtype)
         return ((g - 1) * w0x + g * self.cp_product(x)).to(base_out.dtype)
 
-    def merge_scale(self, base: DenseBackend) -> Tensor:
+    def merge_scale(self, base: Backend) -> Tensor:
         return self.magnitude_scale(base).float()
 
     def factors(self) -> None:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ..config import AdapterConfig
-from ..hosts.backend import DenseBackend
+from ..hosts.backend import Backend
 from ..hosts.geometry import Geometry
 from ..init.layout import base_matrix
 from .base import Adapter, Capabilities
@@ -23,7 +23,7 @@ class FrozenBasesDiagonal(Adapter):
 
     capabilities = Capabilities(factorable=True)
 
-    def __init__(self, geometry: Geometry, config: AdapterConfig, base: DenseBackend) -> None:
+    def __init__(self, geometry: Geometry, config: AdapterConfig, base: Backend) -> None:
         super().__init__(geometry, config, base)
         b, d0, a = self.decompose(base_matrix(geometry, base))  # (rows, r), (r,), (r, cols)
         dtype = base.weight().dtype if base.weight().is_floating_point() else torch.float32
@@ -44,7 +44,7 @@ class FrozenBasesDiagonal(Adapter):
         """``d - d0``, ``(r,)``."""
         raise NotImplementedError
 
-    def forward(self, x: Tensor, base_out: Tensor, base: DenseBackend) -> Tensor:
+    def forward(self, x: Tensor, base_out: Tensor, base: Backend) -> Tensor:
         if x.is_floating_point():  # embeddings take token ids
             x = x.to(self.lora_A.dtype)
         h = self.geometry.down(x, self.lora_A)  # (..., r)

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from ..config import AdapterConfig
 from ..errors import LorakitError, require
 from ..hooks import TrainingHook, training_rule
-from ..hosts.backend import DenseBackend
+from ..hosts.backend import Backend
 from ..hosts.geometry import Geometry
 from ..hosts.host import adapters_named
 from .base import register_method
@@ -47,7 +47,7 @@ class DyLoraConfig(LoraConfig):
 class DyLora(Lora):
     """LoRA whose forward, merge and factors use the first ``rank`` ranks with scale ``alpha / rank``."""
 
-    def __init__(self, geometry: Geometry, config: DyLoraConfig, base: DenseBackend) -> None:
+    def __init__(self, geometry: Geometry, config: DyLoraConfig, base: Backend) -> None:
         super().__init__(geometry, config, base)
         self.rank: int | None = None  # the truncation in use; None: the full rank
 

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..config import AdapterConfig
 from ..errors import require
-from ..hosts.backend import DenseBackend
+from ..hosts.backend import Backend
 from ..hosts.geometry import ConvGeometry, Geometry
 from .base import Adapter, Capabilities, register_method
 
@@ -68,7 +68,7 @@ class FloraN(Adapter):
 
     capabilities = Capabilities(layers=frozenset({"linear", "conv"}), factorable=True)
 
-    def __init__(self, geometry: Geometry, config: FloraNConfig, base: DenseBackend) -> None:
+    def __init__(self, geometry: Geometry, config: FloraNConfig, base: Backend) -> None:
         super().__init__(geometry, config, base)
         kernel = geometry.kernel_size if isinstance(geometry, ConvGeometry) else ()
         r_out, r_in = min(config.r, geometry.d_out), min(config.r, geometry.d_in)
@@ -88,7 +88,7 @@ class FloraN(Adapter):
             k = (k.movedim(mode, -1) @ u.t()).movedim(-1, mode)
         return k
 
-    def forward(self, x: Tensor, base_out: Tensor, base: DenseBackend) -> Tensor:
+    def forward(self, x: Tensor, base_out: Tensor, base: Backend) -> Tensor:
         g = self.geometry
         x = x.to(self.flora_core.dtype)
         h = g.up(x, unit_kernel(g, self.flora_in.t()))  # (B, r_in, *spatial): U_in^T x

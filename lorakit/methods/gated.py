@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..config import AdapterConfig, pattern_value, require_rank_and_alpha
 from ..errors import require
-from ..hosts.backend import DenseBackend
+from ..hosts.backend import Backend
 from ..hosts.geometry import Geometry
 from .base import Adapter, Capabilities
 
@@ -85,7 +85,7 @@ class GatedLora(Adapter):
     capabilities = Capabilities(factorable=True)
     RANK_DIMS: ClassVar[dict[str, int]] = {"lora_A": 0, "lora_B": 1, "lora_E": 0}  # the rank axis of each tensor
 
-    def __init__(self, geometry: Geometry, config: GatedLoraConfig, base: DenseBackend) -> None:
+    def __init__(self, geometry: Geometry, config: GatedLoraConfig, base: Backend) -> None:
         super().__init__(geometry, config, base)
         r = config.rank_pattern.get("", config.r)  # for_module puts this layer's rank under ""
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
@@ -118,7 +118,7 @@ class GatedLora(Adapter):
     def gated_b(self) -> Tensor:  # (d_out, r[, 1...]): B diag(g)
         return self.lora_B * self.lora_E.reshape(1, -1, *([1] * (self.lora_B.dim() - 2)))
 
-    def forward(self, x: Tensor, base_out: Tensor, base: DenseBackend) -> Tensor:
+    def forward(self, x: Tensor, base_out: Tensor, base: Backend) -> Tensor:
         if x.is_floating_point():  # embeddings take token ids
             x = self.dropout(x.to(self.lora_A.dtype))
         h = self.geometry.down(x, self.lora_A)  # (..., r)
@@ -136,6 +136,9 @@ class GatedLora(Adapter):
 
     def trainable(self) -> dict[str, nn.Parameter]:
         return {"lora_A": self.lora_A, "lora_B": self.lora_B, "lora_E": self.lora_E}
+
+    def up_projections(self) -> dict[str, nn.Parameter]:
+        return {"lora_B": self.lora_B}
 
     @torch.no_grad()
     def resized(self, keep: Tensor, extra: int = 0) -> dict[str, tuple[nn.Parameter, nn.Parameter]]:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import require
-from ..hosts.backend import DenseBackend
+from ..hosts.backend import Backend
 from ..hosts.geometry import Geometry
 from .base import Capabilities, base_product, over_output_units, register_method
 from .lora import Lora, LoraConfig, _Factor
@@ -40,7 +40,7 @@ class Hydra(Lora):
 
     capabilities = Capabilities(layers=frozenset({"linear", "conv"}))
 
-    def __init__(self, geometry: Geometry, config: HydraConfig, base: DenseBackend) -> None:
+    def __init__(self, geometry: Geometry, config: HydraConfig, base: Backend) -> None:
         require(not config.lora_bias, "lora_bias", True, "is not supported with Hydra")
         super().__init__(geometry, config, base)
         self.seq_A = _Factor((config.r, geometry.d_out))
@@ -62,15 +62,15 @@ class Hydra(Lora):
     def _mix_output(self, y: Tensor) -> Tensor:  # (..., d_out) -> (..., d_out)
         return F.linear(F.linear(y, self.seq_A.weight), self.seq_B.weight) * self.scale
 
-    def forward(self, x: Tensor, base_out: Tensor, base: DenseBackend) -> Tensor:
+    def forward(self, x: Tensor, base_out: Tensor, base: Backend) -> Tensor:
         w0x = base_product(self.geometry, base_out, base).to(self.a.dtype)
         sequential = over_output_units(self.geometry, w0x, self._mix_output)  # s B_s A_s W0 x
         return (self.lora_out(x) + sequential).to(base_out.dtype)
 
-    def fused_forward(self, x: Tensor, base: DenseBackend) -> Tensor | None:
+    def fused_forward(self, x: Tensor, base: Backend) -> Tensor | None:
         return None  # LoRA's fused kernel has no sequential branch
 
-    def merge_map(self, base: DenseBackend) -> Tensor:
+    def merge_map(self, base: Backend) -> Tensor:
         eye = torch.eye(self.geometry.d_out, device=self.a.device, dtype=torch.float32)
         return eye + self.scale * (self.seq_B.weight.float() @ self.seq_A.weight.float())  # (d_out, d_out)
 

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ..config import AdapterConfig, require_rank_and_alpha
 from ..errors import require
-from ..hosts.backend import DenseBackend
+from ..hosts.backend import Backend
 from ..hosts.geometry import ConvGeometry, Geometry
 from .base import Adapter, Capabilities, register_method
 
@@ -89,7 +89,7 @@ class Kron(Adapter):
 
     capabilities = Capabilities(layers=frozenset({"linear", "conv"}))
 
-    def __init__(self, geometry: Geometry, config: KronConfig, base: DenseBackend) -> None:
+    def __init__(self, geometry: Geometry, config: KronConfig, base: Backend) -> None:
         super().__init__(geometry, config, base)
         r, f = config.r, config.decompose_factor
         (self.a1, self.b1), (self.a2, self.b2) = factorization(geometry.d_out, f), factorization(geometry.d_in, f)
@@ -136,7 +136,7 @@ class Kron(Adapter):
         h = g.down(chunks, self.lokr_w2_b.reshape(r, self.b2, *self.kernel))  # rank-r middle
         return g.up(h, self.lokr_w2_a.reshape(self.b1, r, *([1] * len(self.kernel))))
 
-    def forward(self, x: Tensor, base_out: Tensor, base: DenseBackend) -> Tensor:
+    def forward(self, x: Tensor, base_out: Tensor, base: Backend) -> Tensor:
         x = x.to(self.w1().dtype)
         if self.kernel:  # x: (B, d_in, *spatial)
             n = x.shape[0]

@@ -28,7 +28,7 @@ from torch import nn
 from ..config import AdapterConfig
 from ..errors import LorakitError, require
 from ..hooks import TrainingHook, training_rule
-from ..hosts.backend import DenseBackend
+from ..hosts.backend import Backend
 from ..hosts.geometry import Geometry
 from ..hosts.host import adapters_named
 from ..init.layout import base_matrix
@@ -72,7 +72,7 @@ class Lamda(LoraXs):
 
     trained = ("lora_R", "lora_B")
 
-    def __init__(self, geometry: Geometry, config: LamdaConfig, base: DenseBackend) -> None:
+    def __init__(self, geometry: Geometry, config: LamdaConfig, base: Backend) -> None:
         if config.energy is not None:
             config = config.replace(r=energy_rank(base_matrix(geometry, base), config.energy, config.r))
         super().__init__(geometry, config, base)

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from ..config import AdapterConfig
 from ..errors import require
 from ..hooks import TrainingHook, training_rule
-from ..hosts.backend import DenseBackend
+from ..hosts.backend import Backend
 from ..hosts.geometry import Geometry
 from ..hosts.host import adapters_named
 from .base import Adapter, Capabilities, register_method
@@ -85,7 +85,7 @@ class Loca(Adapter):
 
     capabilities = Capabilities(layers=frozenset({"linear"}), factorable=True)
 
-    def __init__(self, geometry: Geometry, config: LocaConfig, base: DenseBackend) -> None:
+    def __init__(self, geometry: Geometry, config: LocaConfig, base: Backend) -> None:
         super().__init__(geometry, config, base)
         numel = geometry.d_out * geometry.d_in
         require(config.n <= numel, "n", config.n, f"must be <= d_out * d_in of every targeted layer (one has {numel})")
@@ -107,7 +107,7 @@ class Loca(Adapter):
         h = F.linear(x.to(c_in.dtype), c_in) * (values * self.config.alpha)  # (..., m)
         return F.linear(h, c_out.t())  # (..., d_out)
 
-    def forward(self, x: Tensor, base_out: Tensor, base: DenseBackend) -> Tensor:
+    def forward(self, x: Tensor, base_out: Tensor, base: Backend) -> Tensor:
         out = self._sparse_idct(x, None, self.loca_spectrum)
         if self._probe is not None:  # zero-valued: changes nothing but collects the spectrum's gradient there
             locations, values = self._probe

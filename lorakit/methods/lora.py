@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..config import AdapterConfig, pattern_value, require_rank_and_alpha
 from ..errors import require
-from ..hosts.backend import DenseBackend
+from ..hosts.backend import Backend
 from ..hosts.geometry import Geometry, LinearGeometry
 from ..init.layout import BaseRewrite, RewritesBase, base_matrix, factor_dtype
 from ..init.registry import INITS, Factors, check_init, options_of
@@ -99,7 +99,7 @@ class Lora(RewritesBase, Adapter):
     capabilities = Capabilities(factorable=True)
     train_a = True
 
-    def __init__(self, geometry: Geometry, config: LoraConfig, base: DenseBackend) -> None:
+    def __init__(self, geometry: Geometry, config: LoraConfig, base: Backend) -> None:
         super().__init__(geometry, config, base)
         require(not (config.lora_bias and geometry.kind == "embedding"), "lora_bias", True,
                 "is not supported on embedding layers")
@@ -131,7 +131,7 @@ class Lora(RewritesBase, Adapter):
         return None if self.geometry.kind == "embedding" else self.lora_B.bias
 
     @torch.no_grad()
-    def reset(self, init: str, base: DenseBackend) -> None:
+    def reset(self, init: str, base: Backend) -> None:
         """Initialise the factors: PEFT's rules (embeddings: ``A = 0``, ``B ~ N(0, 1)``), or a registered initialiser.
 
         Data-driven initialisers start from the ``"kaiming"`` rule here; :func:`lorakit.initialize` replaces it.
@@ -203,15 +203,15 @@ class Lora(RewritesBase, Adapter):
         h = self.geometry.down(x, a)  # (..., r)
         return self.geometry.up(h, b, self.b_bias) * scale  # (..., d_out)
 
-    def forward(self, x: Tensor, base_out: Tensor, base: DenseBackend) -> Tensor:
+    def forward(self, x: Tensor, base_out: Tensor, base: Backend) -> Tensor:
         return self.lora_out(x).to(base_out.dtype)
 
-    def fused_usable(self, x: Tensor, base: DenseBackend) -> bool:
+    def fused_usable(self, x: Tensor, base: Backend) -> bool:
         """The fused kernel applies: dense linear base, no active dropout, no lora_bias, one dtype.
 
         Not on a quantised base: the kernel would keep the dequantised weight alive for backward (QLoRA's memory).
         """
-        if base.quantized:
+        if not base.materialized:
             return False
         w = base.weight()
         return (
@@ -222,7 +222,7 @@ class Lora(RewritesBase, Adapter):
             and x.dtype == w.dtype == self.a.dtype
         )
 
-    def fused_forward(self, x: Tensor, base: DenseBackend) -> Tensor | None:
+    def fused_forward(self, x: Tensor, base: Backend) -> Tensor | None:
         if not self.fused_usable(x, base):
             return None
         return lora_linear(x, base.weight(), base.bias, *self.live())
@@ -242,6 +242,9 @@ class Lora(RewritesBase, Adapter):
         if not self.train_a:
             params = {k: v for k, v in params.items() if v is not self.a}
         return params
+
+    def up_projections(self) -> dict[str, nn.Parameter]:
+        return {k: v for k, v in self.trainable().items() if v is self.b}
 
     def bias_delta(self) -> Tensor | None:
         return None if self.b_bias is None else self.b_bias * self.scale

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ..config import AdapterConfig, require_rank_and_alpha
 from ..errors import require
-from ..hosts.backend import DenseBackend
+from ..hosts.backend import Backend
 from ..hosts.geometry import Geometry
 from ..init.layout import BaseRewrite, RewritesBase, base_matrix, factor_dtype
 from ..init.linalg import top_svd
@@ -73,7 +73,7 @@ class LoraXs(RewritesBase, Adapter):
     capabilities = Capabilities(factorable=True)
     trained: tuple[str, ...] = ("lora_R",)
 
-    def __init__(self, geometry: Geometry, config: LoraXsConfig, base: DenseBackend) -> None:
+    def __init__(self, geometry: Geometry, config: LoraXsConfig, base: Backend) -> None:
         super().__init__(geometry, config, base)
         self.scale = config.scale
         rows, cols = base_matrix(geometry, base).shape
@@ -91,7 +91,7 @@ class LoraXs(RewritesBase, Adapter):
         return self.lora_R.shape[0]
 
     @torch.no_grad()
-    def reset(self, init: str, base: DenseBackend) -> None:
+    def reset(self, init: str, base: Backend) -> None:
         """The built-in init, or a registered one (data-driven ones start from the built-in until initialised)."""
         spec = INITS.get(init) if init in INITS else None
         self._builtin_init(self.config.builtin_inits[0], base)
@@ -100,7 +100,7 @@ class LoraXs(RewritesBase, Adapter):
             factors = spec.fn(w, self.r, self.scale, **options_of(init, self.config.init_options))
             self.apply_factors(factors, factor_dtype(base, self.lora_A.dtype))
 
-    def _builtin_init(self, init: str, base: DenseBackend) -> None:
+    def _builtin_init(self, init: str, base: Backend) -> None:
         if init == "svd":
             u, s, vh = top_svd(base_matrix(self.geometry, base), self.r)  # (rows, r), (r,), (r, cols)
             self.lora_B.copy_((u * s).reshape(self.lora_B.shape))
@@ -129,7 +129,7 @@ class LoraXs(RewritesBase, Adapter):
         b = self.lora_B.reshape(self.lora_B.shape[0], self.r)
         return (b @ self.lora_R * self.scale).reshape(self.lora_B.shape)
 
-    def forward(self, x: Tensor, base_out: Tensor, base: DenseBackend) -> Tensor:
+    def forward(self, x: Tensor, base_out: Tensor, base: Backend) -> Tensor:
         if x.is_floating_point():  # embeddings take token ids
             x = x.to(self.lora_A.dtype)
         h = self.geometry.down(x, self.lora_A)  # (..., r)
@@ -147,6 +147,9 @@ class LoraXs(RewritesBase, Adapter):
 
     def trainable(self) -> dict[str, nn.Parameter]:
         return {name: getattr(self, name) for name in self.trained}
+
+    def up_projections(self) -> dict[str, nn.Parameter]:
+        return {k: v for k, v in self.trainable().items() if v is self.lora_B}
 
 
 @register_method("slora", SloraConfig)

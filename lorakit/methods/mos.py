@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from ..config import AdapterConfig, require_rank_and_alpha
 from ..errors import ConfigError, require
-from ..hosts.backend import DenseBackend
+from ..hosts.backend import Backend
 from ..hosts.geometry import Geometry
 from .base import Adapter, Capabilities, SharedState, register_method
 
@@ -122,7 +122,7 @@ class Mos(Adapter):
         assert isinstance(config, MosConfig)
         return ShardPools(config, geometries)
 
-    def __init__(self, geometry: Geometry, config: MosConfig, base: DenseBackend, *, shared: ShardPools) -> None:
+    def __init__(self, geometry: Geometry, config: MosConfig, base: Backend, *, shared: ShardPools) -> None:
         super().__init__(geometry, config, base)
         self.hold_shared(shared)
         self.key_a, self.key_b = _pool_keys(config, geometry)
@@ -148,7 +148,7 @@ class Mos(Adapter):
             b_parts.append(self.shared.pools[self.key_b][self.mos_index_B].flatten(1).t())  # (d_out, shared_rank)
         return torch.cat(a_parts), torch.cat(b_parts, dim=1)  # (r, d_in), (d_out, r)
 
-    def forward(self, x: Tensor, base_out: Tensor, base: DenseBackend) -> Tensor:
+    def forward(self, x: Tensor, base_out: Tensor, base: Backend) -> Tensor:
         a, b = self.assembled()
         return (F.linear(F.linear(x.to(a.dtype), a), b) * self.scale).to(base_out.dtype)
 

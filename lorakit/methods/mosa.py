@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from ..config import AdapterConfig
 from ..errors import require
 from ..hooks import TrainingHook, training_rule
-from ..hosts.backend import DenseBackend
+from ..hosts.backend import Backend
 from ..hosts.geometry import Geometry
 from ..hosts.host import adapters_named
 from .base import register_method
@@ -69,7 +69,7 @@ class Mosa(Lora):
 
     _masks: tuple[Tensor, Tensor] | None = None  # (mask of A, mask of B) of the sampled modules; None: all modules
 
-    def __init__(self, geometry: Geometry, config: MosaConfig, base: DenseBackend) -> None:
+    def __init__(self, geometry: Geometry, config: MosaConfig, base: Backend) -> None:
         super().__init__(geometry, config, base)
         gen = torch.Generator().manual_seed(config.seed)
         a, b = self.a, self.b

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from ..config import AdapterConfig, require_rank_and_alpha
 from ..errors import require
-from ..hosts.backend import DenseBackend
+from ..hosts.backend import Backend
 from ..hosts.geometry import Geometry
 from .base import Adapter, Capabilities, SharedState, register_method
 
@@ -112,7 +112,7 @@ class RandLora(Adapter):
         assert isinstance(config, RandLoraConfig)
         return RandLoraBases(config, max(g.d_out for g in geometries), max(g.d_in for g in geometries))
 
-    def __init__(self, geometry: Geometry, config: RandLoraConfig, base: DenseBackend, *,
+    def __init__(self, geometry: Geometry, config: RandLoraConfig, base: Backend, *,
                  shared: RandLoraBases) -> None:
         super().__init__(geometry, config, base)
         self.hold_shared(shared)
@@ -131,7 +131,7 @@ class RandLora(Adapter):
         b = self.shared.randlora_B[: self.big, : self.n, :].to(self.randlora_gamma.dtype)
         return _ScaledBasis.apply(a, self.randlora_lambda, self.randlora_gamma).flatten(0, 1), b.flatten(1)
 
-    def forward(self, x: Tensor, base_out: Tensor, base: DenseBackend) -> Tensor:
+    def forward(self, x: Tensor, base_out: Tensor, base: Backend) -> Tensor:
         a, b = self.bases()
         x = self.dropout(x.to(a.dtype))
         if self.geometry.d_in == self.small:

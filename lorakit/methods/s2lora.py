@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from ..config import AdapterConfig, require_rank_and_alpha
 from ..errors import require
 from ..hooks import TrainingHook, training_rule
-from ..hosts.backend import DenseBackend
+from ..hosts.backend import Backend
 from ..hosts.geometry import Geometry
 from ..hosts.host import adapters_named
 from .base import Adapter, Capabilities, SharedState, register_method
@@ -84,7 +84,7 @@ class S2Lora(Adapter):
         assert isinstance(config, S2LoraConfig)
         return S2LoraFactors(config, geometries)
 
-    def __init__(self, geometry: Geometry, config: S2LoraConfig, base: DenseBackend, *,
+    def __init__(self, geometry: Geometry, config: S2LoraConfig, base: Backend, *,
                  shared: S2LoraFactors) -> None:
         super().__init__(geometry, config, base)
         self.hold_shared(shared)
@@ -97,7 +97,7 @@ class S2Lora(Adapter):
         """This layer's shared ``(A_g: (r, d_in), B_g: (d_out, r))``."""
         return self.shared.s2lora_A[self.key], self.shared.s2lora_B[self.key]
 
-    def forward(self, x: Tensor, base_out: Tensor, base: DenseBackend) -> Tensor:
+    def forward(self, x: Tensor, base_out: Tensor, base: Backend) -> Tensor:
         a, b = self.pair()
         h = F.linear(x.to(a.dtype), a) * self.s2lora_lambda  # (..., r)
         return (F.linear(h, b) * self.scale).to(base_out.dtype)  # (..., d_out)

@@ -27,8 +27,8 @@ from torch import Tensor, nn
 from ..config import AdapterConfig
 from ..errors import LorakitError, require
 from ..hooks import TrainingHook, training_rule
-from ..hosts.backend import DenseBackend
-from ..hosts.geometry import _CONV_FN, ConvGeometry, EmbeddingGeometry, Geometry, LinearGeometry
+from ..hosts.backend import Backend
+from ..hosts.geometry import _CONV_FN, ConvGeometry, EmbeddingGeometry, Geometry
 from ..hosts.host import adapters_named
 from .base import Adapter, Capabilities, register_method
 
@@ -68,7 +68,7 @@ class Sara(Adapter):
 
     capabilities = Capabilities()
 
-    def __init__(self, geometry: Geometry, config: SaraConfig, base: DenseBackend) -> None:
+    def __init__(self, geometry: Geometry, config: SaraConfig, base: Backend) -> None:
         super().__init__(geometry, config, base)
         w = base.weight()
         self.shape = tuple(w.shape)
@@ -82,13 +82,13 @@ class Sara(Adapter):
         flat = self.sara_values.new_zeros(self.shape).flatten()
         return flat.index_put((self.sara_index,), self.sara_values).view(self.shape)
 
-    def forward(self, x: Tensor, base_out: Tensor, base: DenseBackend) -> Tensor:
+    def forward(self, x: Tensor, base_out: Tensor, base: Backend) -> Tensor:
         if x.is_floating_point():  # embeddings take token ids
             x = x.to(self.sara_values.dtype)
         return apply_weight(self.geometry, x, self.update()).to(base_out.dtype)
 
-    def fused_forward(self, x: Tensor, base: DenseBackend) -> Tensor | None:
-        if not isinstance(base, DenseBackend) or not isinstance(self.geometry, LinearGeometry):
+    def fused_forward(self, x: Tensor, base: Backend) -> Tensor | None:
+        if not base.materialized or self.geometry.kind != "linear":
             return None
         w = base.weight()
         if not x.dtype == w.dtype == self.sara_values.dtype:

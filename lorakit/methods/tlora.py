@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import require
-from ..hosts.backend import DenseBackend
+from ..hosts.backend import Backend
 from ..hosts.geometry import Geometry
 from .base import Capabilities, base_product, over_output_units, register_method
 from .kron import factorization
@@ -61,7 +61,7 @@ class Tlora(Lora):
 
     capabilities = Capabilities(layers=frozenset({"linear", "conv"}))
 
-    def __init__(self, geometry: Geometry, config: TloraConfig, base: DenseBackend) -> None:
+    def __init__(self, geometry: Geometry, config: TloraConfig, base: Backend) -> None:
         require(not config.lora_bias, "lora_bias", True, "is not supported with TLoRA")
         super().__init__(geometry, config, base)
         rho = config.transform_rank
@@ -87,11 +87,11 @@ class Tlora(Lora):
         ty = torch.einsum("kai,...kib->...ab", self.transform_core_1, right)  # sum_k C1_k Y C2_k^T
         return (ty - grid).reshape(y.shape)
 
-    def forward(self, x: Tensor, base_out: Tensor, base: DenseBackend) -> Tensor:
+    def forward(self, x: Tensor, base_out: Tensor, base: Backend) -> Tensor:
         w0x = base_product(self.geometry, base_out, base).to(self.a.dtype)
         return (over_output_units(self.geometry, w0x, self._transform) + self.lora_out(x)).to(base_out.dtype)
 
-    def fused_forward(self, x: Tensor, base: DenseBackend) -> Tensor | None:
+    def fused_forward(self, x: Tensor, base: Backend) -> Tensor | None:
         return None  # LoRA's fused kernel has no transform
 
     def transform(self) -> Tensor:
@@ -99,7 +99,7 @@ class Tlora(Lora):
         c1, c2 = self.transform_core_1.float(), self.transform_core_2.float()
         return torch.einsum("kai,kbj->abij", c1, c2).reshape(self.geometry.d_out, self.geometry.d_out)
 
-    def merge_map(self, base: DenseBackend) -> Tensor:
+    def merge_map(self, base: Backend) -> Tensor:
         return self.transform()
 
     def factors(self) -> None:

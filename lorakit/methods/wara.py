@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..config import AdapterConfig, require_rank_and_alpha
 from ..errors import require
-from ..hosts.backend import DenseBackend
+from ..hosts.backend import Backend
 from ..hosts.geometry import Geometry
 from .base import Adapter, Capabilities, register_method
 
@@ -66,7 +66,7 @@ class Wara(Adapter):
 
     capabilities = Capabilities(layers=frozenset({"linear"}), factorable=True)
 
-    def __init__(self, geometry: Geometry, config: WaraConfig, base: DenseBackend) -> None:
+    def __init__(self, geometry: Geometry, config: WaraConfig, base: Backend) -> None:
         super().__init__(geometry, config, base)
         for name, d in (("d_in", geometry.d_in), ("d_out", geometry.d_out)):
             require(d % 2 == 0, "targets", config.targets, f"must select layers with even {name} for the Haar "
@@ -80,7 +80,7 @@ class Wara(Adapter):
         w = base.weight()
         self.to(device=w.device, dtype=w.dtype)
 
-    def forward(self, x: Tensor, base_out: Tensor, base: DenseBackend) -> Tensor:
+    def forward(self, x: Tensor, base_out: Tensor, base: Backend) -> Tensor:
         bands = haar(x.to(self.wara_A.dtype))  # (..., 2 in-bands, d_in / 2)
         h = torch.einsum("...ci,ocri->...ocr", bands, self.wara_A)  # (..., 2, 2, r)
         z = torch.einsum("...ocr,ocjr->...oj", h, self.wara_B)  # (..., 2 out-bands, d_out / 2)

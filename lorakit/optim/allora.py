@@ -49,7 +49,7 @@ class ALLoRA(torch.optim.AdamW):
 
 @OPTIMIZERS.decorator("allora")
 def allora(named_params: Mapping[str, nn.Parameter], *, lr: float, weight_decay: float,
-           **options: Any) -> torch.optim.Optimizer:
+           roles: Mapping[str, str] | None = None, **options: Any) -> torch.optim.Optimizer:
     """ALLoRA over every trained tensor (option ``eta``, default 1.0)."""
     check_options("allora", options, ("eta",) + ADAM_OPTIONS)
     options = dict(options)

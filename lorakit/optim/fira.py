@@ -53,6 +53,6 @@ class Fira(ProjectedAdamW):
 
 @OPTIMIZERS.decorator("fira")
 def fira(named_params: Mapping[str, nn.Parameter], *, lr: float, weight_decay: float,
-         **options: Any) -> torch.optim.Optimizer:
+         roles: Mapping[str, str] | None = None, **options: Any) -> torch.optim.Optimizer:
     """Fira-AdamW. GaLore's options plus limit (1.01)."""
     return build_projected(Fira, "fira", named_params, lr, weight_decay, options, own=("limit",))

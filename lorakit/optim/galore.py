@@ -171,6 +171,6 @@ def build_projected(cls: type[ProjectedAdamW], name: str, named_params: Mapping[
 
 @OPTIMIZERS.decorator("galore")
 def galore(named_params: Mapping[str, nn.Parameter], *, lr: float, weight_decay: float,
-           **options: Any) -> torch.optim.Optimizer:
+           roles: Mapping[str, str] | None = None, **options: Any) -> torch.optim.Optimizer:
     """GaLore-AdamW. Options: rank (128), update_gap (200), scale (0.25), betas, eps, stagger (true), per_layer."""
     return build_projected(ProjectedAdamW, "galore", named_params, lr, weight_decay, options)

@@ -58,7 +58,7 @@ class NaturalGaLore(ProjectedAdamW):
 
 @OPTIMIZERS.decorator("natural-galore")
 def natural_galore(named_params: Mapping[str, nn.Parameter], *, lr: float, weight_decay: float,
-                   **options: Any) -> torch.optim.Optimizer:
+                   roles: Mapping[str, str] | None = None, **options: Any) -> torch.optim.Optimizer:
     """Natural GaLore-AdamW. GaLore's options plus history (10) and damping (1e-3)."""
     return build_projected(NaturalGaLore, "natural-galore", named_params, lr, weight_decay, options,
                            own=("history", "damping"))

@@ -269,10 +269,9 @@ def _pad_rank(m: Tensor, r_max: int) -> Tensor:
 
 def stackable(adapter: nn.Module, kind: str) -> bool:
     """Whether ``adapter`` on a ``kind`` layer is exactly ``B_eff A_eff`` in its current mode: factorable, on a linear
-    layer, no bias, no active dropout (the stacked path's and grouped product's condition)."""
-    dropout = getattr(getattr(adapter, "config", None), "dropout", 0.0)
+    layer, no bias, not stochastic (no active dropout): the stacked path's and grouped product's condition."""
     return (kind == "linear" and adapter.capabilities.factorable and adapter.bias_delta() is None
-            and (not dropout or not adapter.training))
+            and not adapter.stochastic)
 
 
 def _add_rows(out: Tensor, rows: Tensor, delta: Tensor, inplace: bool) -> Tensor:

@@ -16,6 +16,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from ..hooks import HookList, TrainingHook, optimized_parameters
+from ..inject import parameter_roles
 from ..optim import build_optimizer
 from .errors import TrainingError
 
@@ -66,7 +67,8 @@ class AdapterSteps:
         self.model, self.config = model, config
         self.hooks = HookList(hooks)
         self.optimizer = build_optimizer(config.optimizer, named_params, lr=config.lr,
-                                         weight_decay=config.weight_decay, **config.optimizer_options)
+                                         weight_decay=config.weight_decay, roles=parameter_roles(model),
+                                         **config.optimizer_options)
         self.scheduler = linear_schedule_with_warmup(self.optimizer, math.ceil(config.warmup * config.steps),
                                                      config.steps)
         self.step = 0
