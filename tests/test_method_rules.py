@@ -74,3 +74,77 @@ def test_sara_nuclear_weight_adds_its_regulariser(model_dir: Path, texts: Path, 
     plain, regularised = adapter(tmp_path / "plain"), adapter(tmp_path / "nuc")
     assert plain.keys() == regularised.keys()
     assert any(not torch.equal(plain[k], regularised[k]) for k in plain)
+
+
+# Two adapters of one method with different rule settings; before each adapter's hooks took its name, every hook
+# acted on every adapter of its class (two S2-LoRA jobs shrank each other's lambdas twice, ...).
+TWO_JOBS = {
+    "sara": ({"nuclear_weight": 0.1}, {"nuclear_weight": 0.3}),
+    "s2lora": ({"l1": 0.05}, {"l1": 0.2}),
+    "lamda": ({"freeze_b_step": 1}, {"freeze_b_step": 3}),
+    "mosa": ({"seed": 1, "active_modules": 2}, {"seed": 2, "active_modules": 1}),
+}
+SEEDS = {"a": 10, "b": 20}
+
+
+class MLP(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.tanh(self.up(x)))
+
+
+def _two_job_model(method: str, names: list[str]) -> torch.nn.Module:
+    import lorakit
+
+    torch.manual_seed(0)
+    model = MLP()
+    for name in names:
+        torch.manual_seed(SEEDS[name])
+        config = lorakit.build_config(method, targets=["up", "down"], **TWO_JOBS[method][name == "b"])
+        lorakit.adapt(model, config, name)
+        with torch.no_grad():
+            for p in lorakit.trainable_parameters(model, name).values():
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def _train(method: str, rows: list[str | None], steps: int = 4) -> dict[str, torch.Tensor]:
+    import lorakit
+    from lorakit.hooks import HookList, training_hooks
+
+    names = sorted({n for n in rows if n is not None})
+    model = _two_job_model(method, names)
+    model.train()
+    hooks = HookList([h for n in names for h in training_hooks(lorakit.configs(model)[n], n, steps)])
+    opt = torch.optim.Adam(list(lorakit.trainable_parameters(model).values()), lr=0.05)
+    gen = torch.Generator().manual_seed(5)
+    x_all, probe = torch.randn(steps, 4, 8, generator=gen), torch.randn(4, 8, generator=gen)
+    keep = [i for i, n in enumerate(rows) if n is not None]
+    hooks.on_train_begin(model, opt)
+    for step in range(steps):
+        hooks.before_forward(model, step)
+        with lorakit.route(model, [rows[i] for i in keep]):
+            (model(x_all[step][keep]) * probe[keep]).sum().backward()
+        extra = hooks.regulariser(model)
+        if extra is not None:
+            extra.backward()
+        hooks.before_step(model, opt, step)
+        opt.step()
+        opt.zero_grad()
+        hooks.after_step(model, opt, step + 1)
+    return {k: p.detach().clone() for k, p in model.state_dict().items() if ".adapters." in k or "shared" in k}
+
+
+@pytest.mark.parametrize("method", sorted(TWO_JOBS))
+def test_two_jobs_of_one_method_train_in_one_model_exactly_as_each_alone(method: str) -> None:
+    """Rows 0-1 train adapter a, rows 2-3 adapter b, each with its own rule settings and hooks."""
+    together = _train(method, ["a", "a", "b", "b"])
+    for name, rows in (("a", ["a", "a", None, None]), ("b", [None, None, "b", "b"])):
+        alone = _train(method, rows)
+        mine = {k: v for k, v in together.items() if f".{name}." in k or k.endswith(f".{name}")}
+        assert mine and mine.keys() == alone.keys()
+        for key in mine:
+            torch.testing.assert_close(mine[key], alone[key], atol=1e-6, rtol=1e-5, msg=f"{method}: {key}")

@@ -142,8 +142,8 @@ class Adapter(nn.Module):
 
     @property
     def stochastic(self) -> bool:
-        """Whether the forward draws random numbers in the current mode (an active dropout): then the update is not
-        exactly ``factors()`` for a given input, and the stacked / grouped products do not apply."""
+        """Whether the forward is random in the current mode (an active dropout, a sampled training mask): then the
+        update is not exactly ``factors()`` for a given input, and the stacked / grouped products do not apply."""
         return self.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in self.modules())
 
     def factors(self) -> tuple[Tensor, Tensor] | None:

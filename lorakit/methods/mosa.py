@@ -111,6 +111,11 @@ class Mosa(Lora):
         with self.complete():
             return super().factors()
 
+    @property
+    def stochastic(self) -> bool:
+        """In a training step after a resample the update is the sampled modules', not ``factors()``'s."""
+        return super().stochastic or (self.training and self._masks is not None)
+
 
 def mosa_resample(model: nn.Module, k: int | None = 1, generator: torch.Generator | None = None,
                   name: str = "default") -> None:

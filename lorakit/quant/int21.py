@@ -15,15 +15,16 @@ claimed 1.05x overhead reads as "INT2.1".
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import require
-
-if TYPE_CHECKING:
-    from ..methods.lora import LoraConfig
+from ..hosts.codecs import storage_bits
+from ..inject import adapt, trainable_parameters
+from ..methods.lora import LoraConfig
+from .model import quantize, quantized_layers
 
 Batch = Tensor | Mapping[str, Tensor]
 
@@ -53,9 +54,6 @@ def int21(model: nn.Module, config: LoraConfig, calibration: Sequence[Batch], na
           scheme: str = "int2", block: int = 64, backend: str = "lorakit", steps: int = 50, lr: float = 1e-3,
           ) -> Int21Report:
     """Quantise ``model``'s linear layers (the config's targets) to ``scheme``, add LoRA ``name`` and run LREC."""
-    from ..inject import adapt, trainable_parameters
-    from .model import quantize
-
     require(len(calibration) >= 1, "calibration", len(calibration), "must hold at least one batch")
     require(isinstance(steps, int) and steps >= 1, "steps", steps, "must be a positive integer")
     require(lr > 0, "lr", lr, "must be > 0")
@@ -79,10 +77,6 @@ def int21(model: nn.Module, config: LoraConfig, calibration: Sequence[Batch], na
 
 def effective_bits(model: nn.Module, adapter_bits: int = 16) -> float:
     """``(quantised base bits + adapter parameters * adapter_bits) / quantised base weights``."""
-    from ..hosts.codecs import storage_bits
-    from ..inject import trainable_parameters
-    from .model import quantized_layers
-
     layers = quantized_layers(model)
     require(bool(layers), "model", type(model).__name__, "has no quantised layers")
     base = sum(storage_bits(m) for m in layers.values())

@@ -20,17 +20,18 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import require
-from ..hosts.codecs import check_available
+from ..hosts.codecs import check_available, storage_bits
 from ..init.alternating import decompose
-
-if TYPE_CHECKING:
-    from ..methods.lora import LoraConfig
+from ..init.registry import Factors
+from ..inject import adapt, hosts
+from ..methods.lora import Lora, LoraConfig
+from .model import quantize
 
 DEFAULT_CONFIGS = (("nf2", 64), ("nf3", 64), ("nf4", 64), ("int8", 64))
 _EXACT_LIMIT = 100_000
@@ -38,8 +39,6 @@ _EXACT_LIMIT = 100_000
 
 def config_bits(scheme: str, block: int, backend: str = "lorakit") -> float:
     """Storage bits per weight of one configuration, measured on a 64 x 4096 matrix (codes + scales + tables)."""
-    from ..hosts.codecs import storage_bits
-
     codec = check_available(backend)
     probe = nn.Linear(4096, 64, bias=False)
     return storage_bits(codec.quantize(probe, scheme, block)) / probe.weight.numel()
@@ -106,12 +105,8 @@ def lq_lora(model: nn.Module, config: LoraConfig, name: str = "default", *,
         fisher: ``{layer path: (d_out, d_in) diagonal Fisher}`` for the data-aware variant (e.g. from
             :func:`empirical_fisher`); layers without an entry are unweighted.
     """
-    from ..init.registry import Factors
-    from ..inject import adapt, hosts
-    from ..methods.lora import Lora
-    from .model import quantize
-
-    require(type(config).__name__ == "LoraConfig", "config", type(config).__name__, "must be a LoraConfig")
+    require(type(config) is LoraConfig, "config", type(config).__name__,
+            "must be a LoraConfig (LQ-LoRA's adapter is plain LoRA: its factors start at the decomposition's L1 L2)")
     require(len(configs) >= 1, "configs", configs, "must list at least one (scheme, block)")
     require(budget is not None or len(configs) == 1, "budget", budget, "is needed to choose among several configs")
     codec = check_available(backend)
