@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from .errors import require
 from .hosts.geometry import is_transposed
-from .hosts.host import HostLayer
+from .hosts.host import HostLayer, adapters_named
 from .init.layout import factor_dtype, precise
 from .init.registry import INITS, Factors, LayerInfo, options_of
 from .inject import active_adapters, adapt, config_of, configs, delete_adapter, disable, hosts, set_active
@@ -60,7 +60,7 @@ def initialize(model: nn.Module, data: Iterable[Any], adapter: str = "default", 
     spec = INITS.get(init)
     forward = model_loss or (_loss_of(loss_fn) if spec.statistic == "gradient" else _call)
     options = options_of(init, config.init_options)
-    layers = [h for h in hosts(model) if adapter in h.adapters]
+    layers = [h for h, _ in adapters_named(model, adapter)]
     for host in layers:
         require(host.geometry.kind == "linear", "init", init,
                 f"needs linear layers; {host.path!r} is a {type(host.base_layer).__name__}")

@@ -30,10 +30,11 @@ import torch
 from torch import Tensor, nn
 
 from .config import AdapterConfig
-from .errors import AdapterFileError, LorakitError
-from .inject import POOL, configs, delete_adapter, hosts
+from .errors import LorakitError
+from .hosts.host import adapters_named
+from .inject import POOL, configs, delete_adapter
 from .io.adapter_files import CONFIG_FILE, attach_adapter, read_adapter
-from .io.files import read_json
+from .io.files import read_json, resolve_inside
 from .routing.stacked import SlotStack, SlotTable, stackable
 
 
@@ -60,7 +61,8 @@ class AdapterPool:
     Args:
         model: the base model (adapters are attached to it in place).
         capacity: how many adapters may be resident at once (>= 1).
-        allowed_dir: when given, :meth:`register` refuses folders outside it (after resolving symlinks and ``..``).
+        allowed_dir: when given, :meth:`register` refuses folders outside it (after resolving symlinks and ``..``;
+            a relative path is taken relative to it).
     """
 
     def __init__(self, model: nn.Module, capacity: int, allowed_dir: str | Path | None = None) -> None:
@@ -91,11 +93,11 @@ class AdapterPool:
                 raise LorakitError(f"adapter {name!r} is already registered; unregister it first or pick another name")
             if name in configs(self.model):
                 raise LorakitError(f"the model already has an adapter {name!r} outside the pool; pick another name")
-            source = self._checked_path(path)
+            source = resolve_inside(path, self.allowed_dir)
             config, tensors = read_adapter(source)
             entry = _Entry(config, tensors, source, self._parent_base(source))
             self._attach_to_model(name, entry)  # validates the tensors against the model
-            layers = [h for h in hosts(self.model) if name in h.adapters]
+            layers = [h for h, _ in adapters_named(self.model, name)]
             entry.targets = [h.path for h in layers]
             if all(stackable(h.adapters[name], h.geometry.kind) for h in layers):
                 for host in layers:
@@ -188,14 +190,6 @@ class AdapterPool:
         if name not in self._entries:
             raise LorakitError(f"unknown adapter {name!r}; registered: {sorted(self._entries) or 'none'}")
         return self._entries[name]
-
-    def _checked_path(self, path: str | Path) -> Path:
-        if not isinstance(path, (str, Path)) or not str(path):
-            raise AdapterFileError(f"adapter path {path!r} is invalid: give a folder path")
-        resolved = Path(path).expanduser().resolve()
-        if self.allowed_dir is not None and not resolved.is_relative_to(self.allowed_dir):
-            raise AdapterFileError(f"adapter path {str(path)!r} is outside the allowed directory {self.allowed_dir}")
-        return resolved
 
     @staticmethod
     def _parent_base(source: Path) -> str | None:

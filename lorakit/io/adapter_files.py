@@ -24,7 +24,8 @@ from torch import nn
 from ..config import AdapterConfig
 from ..errors import AdapterFileError, LorakitError
 from ..hosts.geometry import is_supported, is_transposed
-from ..inject import SHARED, adapt, config_of, configs, delete_adapter, hosts, shared_states
+from ..hosts.host import adapters_named
+from ..inject import SHARED, adapt, config_of, configs, delete_adapter, shared_states
 from ..methods.base import METHODS
 from ..targeting import candidate_modules
 from . import peft_lokr, peft_lora, peft_miss, peft_randlora
@@ -47,10 +48,9 @@ def peft_format(config: AdapterConfig) -> PeftFormat | None:
 
 def _state(model: nn.Module, name: str, keep_vars: bool = False) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
-    for host in hosts(model):
-        if name in host.adapters:
-            for key, value in host.adapters[name].state_dict(keep_vars=keep_vars).items():
-                out[f"{PREFIX}{host.path}.{key}"] = value
+    for host, adapter in adapters_named(model, name):
+        for key, value in adapter.state_dict(keep_vars=keep_vars).items():
+            out[f"{PREFIX}{host.path}.{key}"] = value
     shared = shared_states(model).get(name)
     if shared is not None:
         for key, value in shared.state_dict(keep_vars=keep_vars).items():
@@ -77,13 +77,13 @@ def _target_modules(model: nn.Module, paths: list[str]) -> list[str] | str:
 def reproducible_from_file(model: nn.Module, name: str = "default") -> bool:
     """Whether adapter ``name``'s own tensors on the stock base reproduce it (not so when its initialiser rewrote
     the base weights from data, e.g. LoRA-GA: use :func:`lorakit.export_lora` for those)."""
-    return all(h.adapters[name].reproducible_from_file for h in hosts(model) if name in h.adapters)
+    return all(adapter.reproducible_from_file for _, adapter in adapters_named(model, name))
 
 
 def save_adapter(model: nn.Module, directory: str | Path, name: str = "default") -> Path:
     """Write adapter ``name`` of ``model`` to ``directory`` in PEFT's format (atomic writes)."""
     config = config_of(model, name)
-    layers = [h for h in hosts(model) if name in h.adapters]
+    layers = [h for h, _ in adapters_named(model, name)]
     if not reproducible_from_file(model, name):
         raise LorakitError(
             f"adapter {name!r} was initialised from data ({config.init!r}) by rewriting the base weights, which a "

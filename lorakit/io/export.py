@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from ..errors import require
-from ..hosts.host import HostLayer
-from ..inject import adapt, config_of, configs, delete_adapter, hosts
+from ..hosts.host import HostLayer, adapters_named
+from ..inject import adapt, config_of, configs, delete_adapter
 from ..methods.lora import Lora, LoraConfig
 from .adapter_files import save_adapter
 
@@ -35,7 +35,7 @@ from .adapter_files import save_adapter
 def export_lora(model: nn.Module, directory: str | Path, name: str = "default") -> Path:
     """Write adapter ``name`` as a plain LoRA/DoRA (rank ``2r``) relative to the unmodified base weights."""
     config = config_of(model, name)
-    layers = [h for h in hosts(model) if name in h.adapters]
+    layers = [h for h, _ in adapters_named(model, name)]
     rewrote = any(name in h.rewriters for h in layers)  # the base differs from the stock one: the LoRA path below
     # handles (a residual initialisation) or refuses (a replaced base) it
     if not rewrote and all(h.adapters[name].capabilities.factorable for h in layers):

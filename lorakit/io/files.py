@@ -71,3 +71,17 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
     except Exception as exc:  # safetensors raises several error types for corrupt files
         raise AdapterFileError(f"{path} is not a valid safetensors file: {exc}") from None
     return tensors, metadata
+
+
+def resolve_inside(path: str | os.PathLike, allowed_dir: str | os.PathLike | None) -> Path:
+    """``path`` resolved (``~``, ``..`` and symlinks followed); with ``allowed_dir`` a relative path is taken relative
+    to it and a path outside it is refused. Invalid paths (empty, not a path, a NUL byte) are refused too."""
+    if not isinstance(path, (str, os.PathLike)) or not str(path) or "\x00" in str(path):
+        raise AdapterFileError(f"adapter path {path!r} is invalid: give a folder path")
+    if allowed_dir is None:
+        return Path(path).expanduser().resolve()
+    root = Path(allowed_dir).expanduser().resolve()
+    resolved = (root / Path(path).expanduser()).resolve()
+    if not resolved.is_relative_to(root):
+        raise AdapterFileError(f"adapter path {str(path)!r} is outside the allowed directory {str(root)!r}")
+    return resolved

@@ -27,9 +27,10 @@ from torch import Tensor, nn
 
 from ..errors import require
 from ..hosts.codecs import check_available, storage_bits
+from ..hosts.host import adapters_named
 from ..init.alternating import decompose
 from ..init.registry import Factors
-from ..inject import adapt, hosts
+from ..inject import adapt
 from ..methods.lora import Lora, LoraConfig
 from .model import quantize
 
@@ -113,7 +114,7 @@ def lq_lora(model: nn.Module, config: LoraConfig, name: str = "default", *,
     for scheme, block in configs:
         codec.check(scheme, block)
     adapt(model, config.replace(init="gaussian", init_options={}), name)
-    layers = {h.path: h for h in hosts(model) if name in h.adapters}
+    layers = {h.path: h for h, _ in adapters_named(model, name)}
     require(all(isinstance(h.adapters[name], Lora) for h in layers.values()), "config", config.method,
             "must be plain LoRA")
     fisher = fisher or {}

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import LorakitError, require
-from ..inject import hosts
+from ..hosts.host import adapters_named
 from ..methods.lora import LoraConfig
 
 
@@ -25,10 +25,9 @@ from ..methods.lora import LoraConfig
 def contributions(model: nn.Module, name: str = "default") -> dict[str, float]:
     """Layer path -> ``||ΔW||_F / ||W0||_F`` of adapter ``name`` (any method; the update from ``delta_weight``)."""
     out = {}
-    for host in hosts(model):
-        if name in host.adapters:
-            w0 = host.backend.weight().float()
-            out[host.path] = float(host.adapters[name].delta_weight(host.backend).norm() / w0.norm().clamp_min(1e-12))
+    for host, adapter in adapters_named(model, name):
+        w0 = host.backend.weight().float()
+        out[host.path] = float(adapter.delta_weight(host.backend).norm() / w0.norm().clamp_min(1e-12))
     if not out:
         raise LorakitError(f"CoLoRA: the model has no adapter named {name!r}")
     return out

@@ -6,28 +6,24 @@ moments start at zero (:func:`lorakit.hooks.replace_parameter`). Nothing is rese
 """
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import LorakitError
 from ..hooks import TrainingHook, replace_parameter
-from ..hosts.host import HostLayer
-from ..inject import configs, hosts
+from ..hosts.host import HostLayer, adapters_named
+from ..inject import configs
 from ..methods.gated import GatedLora, GatedLoraConfig
 
 
-def gated_layers(model: nn.Module, name: str) -> Iterator[tuple[HostLayer, GatedLora]]:
+def gated_layers(model: nn.Module, name: str) -> list[tuple[HostLayer, GatedLora]]:
     """Every host layer holding a gated adapter ``name``, with that adapter."""
-    found = False
-    for host in hosts(model):
-        adapter = host.adapters[name] if name in host.adapters else None
-        if isinstance(adapter, GatedLora):
-            found = True
-            yield host, adapter
+    found = adapters_named(model, name, GatedLora)
     if not found:
         raise LorakitError(f"the model has no gated (SoRA / AdaLoRA / IncreLoRA) adapter named {name!r}")
+    return found
 
 
 def ranks_of(model: nn.Module, name: str) -> dict[str, int]:

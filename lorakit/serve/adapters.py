@@ -12,8 +12,9 @@ from typing import Protocol, Sequence
 
 from torch import nn
 
-from ..errors import AdapterFileError, LorakitError
+from ..errors import LorakitError
 from ..inject import configs
+from ..io.files import resolve_inside
 
 
 class UnknownAdapterError(LorakitError, KeyError):
@@ -49,17 +50,11 @@ class AttachedAdapters:
 
 
 def safe_adapter_path(path: str, allowed_dir: str | Path | None) -> Path:
-    """``path`` resolved (``..`` and symlinks followed) if it lies inside ``allowed_dir``; else a clear error.
+    """``path`` resolved inside ``allowed_dir`` (:func:`lorakit.io.files.resolve_inside`); else a clear error.
 
     ``allowed_dir=None`` refuses every path: a server loads adapters at run time only from a directory its operator
     named (vLLM likewise needs an explicit opt-in for runtime LoRA loading).
     """
     if allowed_dir is None:
         raise PermissionError("loading adapters at run time is disabled; start the server with --allowed-dir DIR")
-    if not isinstance(path, str) or not path or "\x00" in path:
-        raise AdapterFileError(f"adapter path {path!r} is invalid: give a folder path")
-    root = Path(allowed_dir).expanduser().resolve()
-    resolved = (root / Path(path).expanduser()).resolve()  # a relative path is taken relative to the allowed dir
-    if not resolved.is_relative_to(root):
-        raise AdapterFileError(f"adapter path {path!r} is outside the allowed directory {str(root)!r}")
-    return resolved
+    return resolve_inside(path, allowed_dir)
