@@ -182,7 +182,7 @@ def _write(tmp_path: Path, content: object) -> Path:
     ([{"name": "a", "steps": True}], r"'steps' must be int or null, got True"),
     ([{"name": "a", "lr": 0}], "lr must be > 0, got 0"),
     ([{"name": "a", "rank": 0}], "r=0 is invalid: must be a positive integer"),
-    ([{"name": "a", "method": "nope"}], "unknown method 'nope'|'nope'.*method"),
+    ([{"name": "a", "method": "nope"}], "--method 'nope' is unknown; choose one of: .*lora"),
     ([{"name": "a", "batch_size": 0}], "--batch-size must be >= 1"),
     ([{"name": "a", "steps": 2, "epochs": 1.0}], "give --steps or --epochs, not both"),
     ([{"name": "a", "resume": True}], "'resume' is not supported with --jobs"),

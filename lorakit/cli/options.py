@@ -9,7 +9,7 @@ from typing import Any
 from ..init import INITS
 from ..methods.base import METHODS
 from ..optim import OPTIMIZERS
-from ..train.run import DEFAULT_STEPS, Options
+from ..train.options import DEFAULT_STEPS, Options
 from ..train.tasks import TASKS
 from ..train.trained import FULL
 

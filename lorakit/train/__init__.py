@@ -7,7 +7,8 @@ from .errors import DataError, TrainingError
 from .jobs import finetune_jobs
 from .loop import StepResult, TrainConfig, Trainer
 from .multijob import Job, MultiJobTrainer, add_job_adapter
-from .run import Options, evaluate_adapter, finetune
+from .options import Options
+from .run import evaluate_adapter, finetune
 
 __all__ = ["DataError", "Job", "MultiJobTrainer", "Options", "StepResult", "TrainConfig", "Trainer", "TrainingError",
            "add_job_adapter", "evaluate_adapter", "finetune", "finetune_jobs"]

@@ -19,8 +19,6 @@ import dataclasses
 import json
 import os
 import time
-import types
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -55,7 +53,6 @@ from .warm_start import initialize_from_task, needs_data, save_trained
 SHARED = ("model", "bf16", "quant", "quant_backend")  # one base model for every job
 DEFAULTS = Options()
 UNSUPPORTED = {"resume": "resuming", "save_every": "checkpoints during training"}
-_HINTS = typing.get_type_hints(Options)
 KEYS = ("name", *(f.name for f in dataclasses.fields(Options) if f.name not in UNSUPPORTED))
 
 
@@ -72,32 +69,8 @@ class JobSpec:
         return Path(self.options.output)  # always set by read_jobs
 
 
-def _type_ok(value: Any, hint: Any) -> bool:
-    """Whether the JSON ``value`` fits the :class:`Options` field type ``hint`` (no bool for int, int for float)."""
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return any(_type_ok(value, h) for h in typing.get_args(hint))
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if typing.get_origin(hint) is not None:  # dict[str, Any]: a JSON object
-        return isinstance(value, typing.get_origin(hint))
-    return type(value) is (type(None) if hint is None else hint)
-
-
-def _type_name(hint: Any) -> str:
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(h) for h in typing.get_args(hint))
-    names = {type(None): "null", dict: "a JSON object"}
-    origin = typing.get_origin(hint) or hint
-    return names.get(origin, getattr(origin, "__name__", str(origin)))
-
-
 def _adapter_config(where: str, opts: Options) -> AdapterConfig:
     """The job's adapter config, after checking the settings that can be judged before any data is read."""
-    for option, value in (("lr", opts.lr), ("max_length", opts.max_length), ("init_batches", opts.init_batches)):
-        if value <= 0:
-            raise DataError(f"{where}: {option} must be > 0, got {value}")
-    if opts.epochs is not None and opts.epochs <= 0:
-        raise DataError(f"{where}: epochs must be > 0, got {opts.epochs}")
     if opts.quant is not None and not quantize_first(opts):
         raise DataError(f"{where}: init {opts.init!r} must see the full-precision base before it is quantised, so "
                         f"it cannot share a quantised base with other jobs; run this job on its own")
@@ -117,16 +90,17 @@ def _job(path: Path, index: int, entry: Any, defaults: Options, root: Path) -> J
     if not (isinstance(name, str) and name.isidentifier()):
         raise DataError(f"{where}: 'name' must be given as a Python identifier (it names the adapter), got {name!r}")
     where = f"jobs file {path}, job {index} ({name!r})"
-    for key, value in entry.items():
+    for key in entry:
         if key in UNSUPPORTED:
             raise DataError(f"{where}: {key!r} is not supported with --jobs ({UNSUPPORTED[key]} of several jobs "
                             f"is not implemented); run that job on its own")
-        if key not in _HINTS:
+        if key not in KEYS:
             raise DataError(f"{where}: unknown key {key!r}; keys: {', '.join(KEYS)}")
-        if not _type_ok(value, _HINTS[key]):
-            raise DataError(f"{where}: {key!r} must be {_type_name(_HINTS[key])}, got {value!r}")
     output = entry.get("output") or str(root / name)
-    opts = dataclasses.replace(defaults, **{**entry, "output": output})
+    try:
+        opts = dataclasses.replace(defaults, **{**entry, "output": output})
+    except LorakitError as exc:
+        raise DataError(f"{where}: {exc}") from None
     return JobSpec(name, opts, _adapter_config(where, opts))
 
 

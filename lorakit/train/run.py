@@ -22,7 +22,7 @@ from ..inject import adapt
 from ..io.adapter_files import adapter_tensors, load_adapter
 from ..methods.base import METHODS, build_config
 from ..optim.lisa import LISA
-from ..quant.model import DEFAULT_BACKEND, quantize
+from ..quant.model import quantize
 from ..targeting import find_targets
 from . import default
 from .checkpoint import METRICS_FILE, MetricsLog, prepare_output, start_run
@@ -32,57 +32,11 @@ from .errors import DataError
 from .evaluate import describe, evaluate, majority_rate
 from .loop import Callback, TrainConfig, Trainer
 from .model import load_model
+from .options import DEFAULT_STEPS, Options
 from .plot import plot_loss
 from .tasks import CausalLMTask, ClassificationTask, Example, SFTTask, Task
 from .trained import FULL, save_result
 from .warm_start import initialize_from_task, needs_data
-
-DEFAULT_STEPS = 60
-
-
-@dataclass(frozen=True)
-class Options:
-    """Everything ``lorakit finetune`` / ``lorakit eval`` accept (``None``: the embedded default or a derived value)."""
-
-    model: str | None = None
-    data: str | None = None
-    task: str | None = None  # default: classification for the embedded data, causal-lm otherwise
-    text_column: str | None = None  # default: "text" ("prompt" for sft)
-    label_column: str = "label"
-    response_column: str = "response"
-    prompt_template: str | None = None
-    method: str = "lora"
-    rank: int = 16
-    alpha: float = 32.0
-    targets: str = ALL_LINEAR
-    init: str | None = None  # the method's initialiser (default: the method's own)
-    init_batches: int = 8  # training batches a data-driven initialiser sees
-    method_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # other config fields of the method
-    steps: int | None = None
-    epochs: float | None = None
-    lr: float = 1e-3
-    batch_size: int = 8
-    grad_accum: int = 1
-    bf16: bool = False
-    quant: str | None = None  # quantise the base's linear layers (lorakit.quantize scheme), e.g. "nf4"
-    quant_backend: str = DEFAULT_BACKEND
-    seed: int = 0
-    max_length: int = 128
-    eval_size: int | None = None  # default: min(200, a tenth of the examples)
-    eval_batch_size: int = 32
-    output: str | None = None
-    save_every: int = 0
-    resume: bool = False
-    overwrite: bool = False
-    optimizer: str = "adamw"  # a name in lorakit.optim.OPTIMIZERS
-    optimizer_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # the optimizer's own options
-    lisa: bool = False  # LISA: train lisa_layers sampled blocks (plus everything outside the blocks) at a time
-    lisa_layers: int = 2  # LISA's gamma
-    lisa_interval: int = 20  # LISA's K: steps between draws
-
-    @property
-    def task_name(self) -> str:
-        return self.task or ("classification" if self.data is None else "causal-lm")
 
 
 @dataclass
@@ -171,16 +125,9 @@ def prepare_data(opts: Options, tokenizer: Any, records: Sequence[Record]) -> tu
 
 def train_config(opts: Options, n_train: int) -> TrainConfig:
     """The optimisation settings of ``opts`` for ``n_train`` training examples (``--epochs`` turned into steps)."""
-    if opts.steps is not None and opts.epochs is not None:
-        raise DataError("give --steps or --epochs, not both")
-    for name in ("batch_size", "grad_accum", "eval_batch_size"):
-        if getattr(opts, name) < 1:
-            raise DataError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(opts, name)}")
     steps = opts.steps if opts.steps is not None else DEFAULT_STEPS
     if opts.epochs is not None:
         steps = max(1, -(-int(opts.epochs * n_train) // (opts.batch_size * opts.grad_accum)))
-    if steps < 1:
-        raise DataError(f"--steps must be >= 1, got {steps}")
     return TrainConfig(steps=steps, batch_size=opts.batch_size, grad_accum=opts.grad_accum, lr=opts.lr,
                        seed=opts.seed, save_every=opts.save_every, optimizer=opts.optimizer,
                        optimizer_options=dict(opts.optimizer_options))
@@ -226,16 +173,12 @@ def _finetune(opts: Options, world: World, started: float, callbacks: Sequence[C
     settings = {**dataclasses.asdict(opts), "output": str(output), "world_size": world.size}
     checkpoint = prepare_output(output, settings, resume=opts.resume, overwrite=opts.overwrite)
     full = opts.method == FULL
-    if full:
-        _check_full(opts)
     torch.manual_seed(opts.seed)
     prepared = prepare(opts)
     config = train_config(opts, len(prepared.train))
     adapter = None if full else adapter_config(opts)
     if adapter is not None:  # a bad --targets stops here, before evaluating or writing anything
         find_targets(prepared.model, adapter)
-    if opts.init_batches < 1:
-        raise DataError(f"--init-batches must be >= 1, got {opts.init_batches}")
     # measured before adapting: initialisers such as PiSSA or LoRA-GA rewrite the base weights
     before = _logged_before(output) if checkpoint is not None else None
     if before is None:
@@ -281,15 +224,6 @@ def _adapt(prepared: Prepared, adapter: Any, opts: Options, world: World) -> Non
     if opts.quant is not None and not quantize_first(opts):
         quantize(prepared.model, opts.quant, opts.quant_backend)
     world.broadcast(list(adapter_tensors(prepared.model, "default").values()))
-
-
-def _check_full(opts: Options) -> None:
-    """Options that only make sense for an adapter are refused with ``--method full``."""
-    given = [name for name, value in (("--init", opts.init), ("--quant", opts.quant),
-                                      ("--method-option", opts.method_options or None)) if value is not None]
-    if given:
-        raise DataError(f"--method full trains every weight of the model, so {', '.join(given)} cannot apply "
-                        f"(they configure an adapter or a frozen quantised base)")
 
 
 def _logged_before(output: Path) -> dict[str, Any] | None:
