@@ -26,6 +26,9 @@ def add_router(model: nn.Module, name: str, router: nn.Module) -> nn.Module:
     """Register ``router`` on ``model`` as ``lorakit_routers.<name>`` (trainable, saved with it); returns it."""
     require(isinstance(name, str) and name.isidentifier(), "name", name, "must be a Python identifier")
     require(isinstance(router, nn.Module), "router", type(router).__name__, "must be an nn.Module")
+    require(not isinstance(model, (nn.Sequential, nn.ModuleList, nn.ModuleDict)), "model", type(model).__name__,
+            "must not be a container whose forward runs all its children (the router would become one of them); "
+            "wrap it in a Module")
     if name in routers(model):
         raise LorakitError(f"router {name!r} already exists on this model; delete it first or pick another name")
     if ROUTERS not in model._modules:
