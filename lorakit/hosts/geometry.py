@@ -7,6 +7,7 @@ weight's canonical layout. Canonical layouts: Linear / GPT-2 Conv1D ``(d_out, d_
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -45,6 +46,12 @@ class Geometry:
     def matrix(self, weight: Tensor) -> Tensor:
         """A canonical weight (or factor) viewed as a 2-D matrix with one row per output unit."""
         return weight
+
+    def factored(self, b: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
+        """``(B_eff, A_eff)`` with ``B_eff @ A_eff`` = :meth:`compose` ``(b, a)`` as a 2-D matrix (one row per row of
+        the canonical weight); explicit sizes, so a rank-0 layer gives empty factors."""
+        r = a.shape[0]
+        return b.reshape(b.shape[0], r), a.reshape(r, math.prod(a.shape[1:]))
 
     def channel(self, v: Tensor) -> Tensor:
         """A per-output-unit vector shaped to broadcast against this layer's output."""
@@ -98,6 +105,9 @@ class EmbeddingGeometry(Geometry):
 
     def compose(self, b: Tensor, a: Tensor) -> Tensor:
         return (b @ a).t()  # (num_embeddings, dim)
+
+    def factored(self, b: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
+        return a.t(), b.t()  # canonical delta (num_embeddings, dim) = A^T @ B^T
 
     def matrix(self, weight: Tensor) -> Tensor:
         raise TargetError("embedding layers have no per-output-unit weight matrix (DoRA-style methods do not apply)")

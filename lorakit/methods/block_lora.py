@@ -77,10 +77,7 @@ class BlockLora(Adapter):
         return self.geometry.compose(self.up(), self.block_A) * self.scale
 
     def factors(self) -> tuple[Tensor, Tensor]:
-        a, b = self.block_A, self.up()
-        if self.geometry.kind == "embedding":  # canonical delta (num, dim) = A^T @ B^T
-            return a.t() * self.scale, b.t()
-        return self.geometry.matrix(b) * self.scale, a.reshape(a.shape[0], -1)
+        return self.geometry.factored(self.up() * self.scale, self.block_A)
 
     def trainable(self) -> dict[str, nn.Parameter]:
         return dict(self.named_parameters())

@@ -58,5 +58,4 @@ class FrozenBasesDiagonal(Adapter):
         return self.geometry.compose(self._b_eff().reshape(self.lora_B.shape), self.lora_A)
 
     def factors(self) -> tuple[Tensor, Tensor]:
-        b, a = self._b_eff(), self.lora_A.reshape(self.lora_A.shape[0], -1)
-        return (a.t(), b.t()) if self.geometry.kind == "embedding" else (b, a)
+        return self.geometry.factored(self._b_eff(), self.lora_A)

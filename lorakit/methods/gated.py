@@ -128,11 +128,7 @@ class GatedLora(Adapter):
         return self.geometry.compose(self.gated_b(), self.lora_A) * self.lora_scale
 
     def factors(self) -> tuple[Tensor, Tensor]:
-        b = self.gated_b() * self.lora_scale
-        if self.geometry.kind == "embedding":  # canonical delta (num, dim) = A^T @ B^T
-            return self.lora_A.t(), b.t()
-        cols = math.prod(self.lora_A.shape[1:])  # explicit sizes: a layer may have rank 0
-        return b.reshape(b.shape[0], self.r), self.lora_A.reshape(self.r, cols)
+        return self.geometry.factored(self.gated_b() * self.lora_scale, self.lora_A)  # a layer may have rank 0
 
     def trainable(self) -> dict[str, nn.Parameter]:
         return {"lora_A": self.lora_A, "lora_B": self.lora_B, "lora_E": self.lora_E}

@@ -233,9 +233,7 @@ class Lora(RewritesBase, Adapter):
 
     def factors(self) -> tuple[Tensor, Tensor]:
         a, b, scale = self.live()
-        if self.geometry.kind == "embedding":  # canonical delta (num, dim) = A^T @ B^T
-            return a.t() * scale, b.t()
-        return self.geometry.matrix(b) * scale, a.reshape(a.shape[0], -1)
+        return self.geometry.factored(b * scale, a)
 
     def trainable(self) -> dict[str, nn.Parameter]:
         params = dict(self.named_parameters())

@@ -140,10 +140,7 @@ class LoraXs(RewritesBase, Adapter):
         return self.geometry.compose(self._b_eff(), self.lora_A)
 
     def factors(self) -> tuple[Tensor, Tensor]:
-        b = self._b_eff().reshape(self.lora_B.shape[0], self.r)
-        if self.geometry.kind == "embedding":  # canonical delta (num, dim) = A^T (s B M)^T
-            return self.lora_A.t(), b.t()
-        return b, self.lora_A.reshape(self.r, -1)
+        return self.geometry.factored(self._b_eff(), self.lora_A)  # s B M, A
 
     def trainable(self) -> dict[str, nn.Parameter]:
         return {name: getattr(self, name) for name in self.trained}
