@@ -18,7 +18,7 @@ from typing import Iterator, Sequence
 from torch import Tensor, nn
 
 from .errors import LorakitError, require
-from .inject import ROUTERS, _check_routable, hosts, routers, using
+from .inject import ROUTERS, _check_names, hosts, routers, using
 from .routing.weighted import GateRouter, Router, WeightedRouting
 
 
@@ -68,6 +68,6 @@ def mix(model: nn.Module, names: Sequence[str], weights: Tensor | Router,
     :func:`gate_router`'s. ``dispatch="sparse"`` runs each adapter only on the tokens with a non-zero weight for it;
     ``"dense"`` runs all adapters on all tokens (the reference).
     """
-    _check_routable(model, list(names))
+    _check_names(model, list(names))  # attached adapters: an AdapterPool's slot-only adapters do not mix (yet)
     with using(model, WeightedRouting(names, weights, dispatch)) as routing:
         yield routing

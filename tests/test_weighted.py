@@ -109,3 +109,15 @@ def test_corrupt_router_files_are_refused(tmp_path):
     (tmp_path / "router_config.json").write_text('{"kind": "gate", "config": {"n": 3, "layers": {"x": 5}}}')
     with pytest.raises(AdapterFileError, match="do not match the router"):
         load_router(experts(), tmp_path, "moe")
+
+
+def test_adapters_held_only_in_a_pools_slots_are_refused_not_skipped(tmp_path):
+    model = experts()
+    lorakit.save_adapter(model, tmp_path / "a", name="a")
+    served = tiny_llama(0)
+    pool = lorakit.AdapterPool(served, capacity=2)
+    pool.register("a", tmp_path / "a")
+    pool.acquire(["a"])
+    with pytest.raises(LorakitError, match="unknown adapter 'a'"):
+        with lorakit.mix(served, ["a"], torch.ones(1)):
+            pass
