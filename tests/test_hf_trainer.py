@@ -1,4 +1,5 @@
-"""transformers.Trainer / trl.SFTTrainer on a lorakit-adapted model: training, PEFT-format saving, resuming."""
+"""transformers.Trainer / trl.SFTTrainer on a lorakit-adapted model: training, PEFT-format saving, resuming, and the
+methods' training hooks (called in lorakit's order, saved in checkpoints, restored before the adapters)."""
 from __future__ import annotations
 
 import copy
@@ -12,7 +13,11 @@ import transformers
 from torch import nn
 
 import lorakit
-from lorakit.train.hf_trainer import LorakitTrainer, lorakit_trainer, restore_adapters, save_adapters
+from lorakit.hooks import HookList, TrainingHook, training_hooks
+from lorakit.methods.dylora import DyLoraSampler, dylora_layers
+from lorakit.rank import gated_layers, ranks_of
+from lorakit.rank.sora import SoraHook
+from lorakit.train.hf_trainer import HOOKS_FILE, LorakitTrainer, lorakit_trainer, restore_adapters, save_adapters
 
 VOCAB = 64
 FULL_MODEL_FILES = {"model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
@@ -94,9 +99,11 @@ def test_trainer_trains_adapter_and_saves_peft_format(tmp_path: Path) -> None:
     for k, v in frozen_state(model).items():
         assert torch.equal(v, base_before[k]), k
 
+    assert trainer.lorakit_hook_list is not None and trainer.lorakit_hook_list.hooks == []  # LoRA has no rule
     for checkpoint in ("checkpoint-3", "checkpoint-6"):
         assert_adapter_folder(tmp_path / "run" / checkpoint)
         assert (tmp_path / "run" / checkpoint / "optimizer.pt").exists()
+        assert not (tmp_path / "run" / checkpoint / HOOKS_FILE).exists()
     out = tmp_path / "final"
     trainer.save_model(str(out))
     assert_adapter_folder(out)
@@ -238,3 +245,180 @@ def test_sft_trainer_trains_and_saves_peft_adapter(tmp_path: Path) -> None:
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded.eval()(x).logits, model(x).logits, atol=1e-5, rtol=1e-5)
+
+
+# -- training hooks ------------------------------------------------------------------------------------------------
+METHODS = {  # SoRA: lambda 5 at lr 1e-2 zeroes the gates set to 0.01 below at the first step; pruned every 2 steps
+    "sora": dict(sparse_lambda=5.0, prune_every=2),
+    "dylora": dict(r_min=1),
+}
+
+
+def method_model(method: str, seed: int = 0) -> nn.Module:
+    """The tiny Llama with a ``method`` adapter; SoRA's gates start uneven so pruning keeps 3, 2 or 1 of 4 ranks."""
+    base = tiny_base()
+    torch.manual_seed(seed)
+    model = lorakit.adapt(base, lorakit.build_config(method, r=4, alpha=8, targets="all-linear", **METHODS[method]))
+    if method == "sora":
+        with torch.no_grad():
+            for i, (_, adapter) in enumerate(gated_layers(model, "default")):
+                adapter.lora_E[: 1 + i % 3] = 0.01
+    return model
+
+
+class Recorder:
+    """``default_data_collator`` that keeps every batch it makes, in order."""
+
+    def __init__(self) -> None:
+        self.batches: list[dict[str, torch.Tensor]] = []
+
+    def __call__(self, features):
+        batch = transformers.default_data_collator(features)
+        self.batches.append({k: v.clone() for k, v in batch.items()})
+        return batch
+
+
+def manual_run(model: nn.Module, micro_batches: list[list[dict[str, torch.Tensor]]], hooks: list[TrainingHook],
+               lr: float = 1e-2, max_grad_norm: float = 1.0) -> None:
+    """lorakit's documented order (lorakit.hooks) in a plain loop, with the Trainer's loss normalisation (summed loss
+    over the step's predicted tokens), gradient clipping, fused AdamW (transformers' default) and constant lr."""
+    hook_list = HookList(hooks)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0,
+                                  fused=True)
+    model.train()
+    hook_list.on_train_begin(model, optimizer)
+    for step, batches in enumerate(micro_batches):
+        hook_list.before_forward(model, step)
+        items = sum(int(b["labels"][..., 1:].ne(-100).sum()) for b in batches)
+        for batch in batches:
+            model(**batch, num_items_in_batch=torch.tensor(items)).loss.backward()
+        extra = hook_list.regulariser(model)
+        if extra is not None:
+            extra.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        hook_list.before_step(model, optimizer, step)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        hook_list.after_step(model, optimizer, step + 1)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_method_hooks_train_as_lorakits_own_loop(method: str, tmp_path: Path) -> None:
+    model = method_model(method)
+    start = adapter_state(model)
+    recorder = Recorder()
+    args = training_args(tmp_path / "run", lr_scheduler_type="constant", save_strategy="no")
+    trainer = LorakitTrainer(model=model, args=args, train_dataset=token_dataset(), data_collator=recorder)
+    trainer.train()
+
+    hooks = trainer.lorakit_hook_list.hooks
+    assert [type(h) for h in hooks] == [SoraHook if method == "sora" else DyLoraSampler]
+    assert len(recorder.batches) == 6
+
+    reference = method_model(method)
+    assert all(torch.equal(p, start[k]) for k, p in lorakit.trainable_parameters(reference).items())
+    manual_run(reference, [[b] for b in recorder.batches],
+               training_hooks(lorakit.configs(reference)["default"], "default", 6))
+    want, got = adapter_state(reference), adapter_state(model)
+    assert want.keys() == got.keys()
+    for k in want:
+        assert got[k].shape == want[k].shape, k
+        torch.testing.assert_close(got[k], want[k], atol=1e-7, rtol=0, msg=k)  # bitwise equal on CPU today
+
+    if method == "sora":  # pruned in the accelerate-wrapped optimizer: same tensors, moments of the new shapes
+        assert sorted(set(ranks_of(model, "default").values())) == [1, 2, 3]
+        assert ranks_of(model, "default") == ranks_of(reference, "default")
+        params = {id(p): p for group in trainer.optimizer.param_groups for p in group["params"]}
+        trained = lorakit.trainable_parameters(model)
+        assert set(params) == {id(p) for p in trained.values()}
+        for p in trained.values():
+            assert trainer.optimizer.optimizer.state[p]["exp_avg"].shape == p.shape
+    else:  # the sampler drew ranks (the same draws as the manual loop's) and left the full rank after the step
+        assert hooks[0].last is not None and all(a.rank is None for a in dylora_layers(model, "default"))
+
+
+class Probe(TrainingHook):
+    """Records the calls; its regulariser is ``c * sum(t)`` for a tensor ``t`` that gets no gradient from the loss
+    (an adapter that is not active), so ``t.grad`` at ``before_step`` is ``c`` exactly when it is added once."""
+
+    def __init__(self, tensor: torch.Tensor, c: float) -> None:
+        self.tensor, self.c = tensor, c
+        self.calls: list[tuple] = []
+        self.grads: list[torch.Tensor] = []
+
+    def on_train_begin(self, model, optimizer) -> None:
+        self.calls.append(("begin",))
+
+    def before_forward(self, model, step) -> None:
+        self.calls.append(("before_forward", step))
+
+    def regulariser(self, model) -> torch.Tensor:
+        self.calls.append(("regulariser",))
+        return self.c * self.tensor.sum()
+
+    def before_step(self, model, optimizer, step) -> None:
+        self.calls.append(("before_step", step))
+        self.grads.append(self.tensor.grad.clone())
+
+    def after_step(self, model, optimizer, step) -> None:
+        self.calls.append(("after_step", step))
+
+
+def test_regulariser_reaches_the_gradient_once_per_optimizer_step(tmp_path: Path) -> None:
+    model = adapted(tiny_base())
+    lorakit.adapt(model, lorakit.LoraConfig(r=2, targets=["q_proj"]), name="probe", activate=False)
+    tensor = next(p for k, p in lorakit.trainable_parameters(model, "probe").items() if "lora_A" in k)
+    assert tensor.requires_grad
+    probe = Probe(tensor, c=0.25)
+    model.register_forward_pre_hook(lambda module, inputs: probe.calls.append(("forward",)))
+    args = training_args(tmp_path / "run", max_steps=3, gradient_accumulation_steps=2, max_grad_norm=0.0,
+                         save_strategy="no")
+    trainer = LorakitTrainer(model=model, args=args, train_dataset=token_dataset(), lorakit_hooks=[probe])
+    trainer.train()
+
+    assert trainer.lorakit_hook_list.hooks == [probe]
+    step = lambda s: [("before_forward", s), ("forward",), ("forward",), ("regulariser",), ("before_step", s),
+                      ("after_step", s + 1)]  # noqa: E731
+    assert probe.calls == [("begin",), *step(0), *step(1), *step(2)]
+    assert len(probe.grads) == 3
+    for grad in probe.grads:
+        torch.testing.assert_close(grad, torch.full_like(grad, 0.25), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_resume_with_hooks_equals_uninterrupted_run(method: str, tmp_path: Path) -> None:
+    args = dict(lr_scheduler_type="constant")
+    full = method_model(method)
+    LorakitTrainer(model=full, args=training_args(tmp_path / "full", **args), train_dataset=token_dataset()).train()
+    checkpoint = tmp_path / "full" / "checkpoint-3"
+    saved = torch.load(checkpoint / HOOKS_FILE, weights_only=True)
+
+    resumed = method_model(method, seed=123)  # same base, other init: only the checkpoint can make it equal
+    if method == "sora":  # pruned at step 2: the fresh adapter must first be reshaped to the saved ranks
+        assert sorted(set(saved["hooks"][0]["ranks"].values())) == [1, 2, 3]
+        assert set(ranks_of(resumed, "default").values()) == {4}
+    else:  # the sampler's generator goes on where it was
+        assert set(saved["hooks"][0]) == {"generator"}
+    trainer = LorakitTrainer(model=resumed, args=training_args(tmp_path / "resumed", **args),
+                             train_dataset=token_dataset())
+    trainer.train(resume_from_checkpoint=str(checkpoint))
+
+    assert trainer.state.global_step == 6
+    want, got = adapter_state(full), adapter_state(resumed)
+    assert want.keys() == got.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-7, rtol=0, msg=k)
+    last = tmp_path / "resumed" / "checkpoint-6"
+    assert (last / HOOKS_FILE).exists()
+    if method == "sora":
+        assert ranks_of(resumed, "default") == ranks_of(full, "default")
+        assert ranks_of(lorakit.load_adapter(tiny_base(), last), "default") == ranks_of(full, "default")
+
+
+def test_resume_without_the_hooks_state_is_refused(tmp_path: Path) -> None:
+    LorakitTrainer(model=adapted(tiny_base()), args=training_args(tmp_path / "lora", max_steps=3),
+                   train_dataset=token_dataset()).train()
+    trainer = LorakitTrainer(model=method_model("dylora"), args=training_args(tmp_path / "dylora"),
+                             train_dataset=token_dataset())
+    with pytest.raises(lorakit.LorakitError, match=HOOKS_FILE):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "lora" / "checkpoint-3"))

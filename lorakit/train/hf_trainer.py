@@ -9,6 +9,13 @@ the right tensors. What this module changes is saving and resuming: a stock ``Tr
 model's adapters in place, so the optimizer keeps the same ``Parameter`` objects. The Trainer itself still saves
 and restores the optimizer, scheduler, scaler, RNG and trainer state.
 
+It also runs lorakit's training hooks (:mod:`lorakit.hooks`), so a method with a training rule (SoRA's proximal gate
+step and pruning, DyLoRA's rank sampling, LaMDA's freezing, SaRA's nuclear-norm regulariser, ...) trains as it does
+with ``lorakit finetune``: by default the hooks :func:`lorakit.hooks.training_hooks` gives for every trained adapter,
+built when training starts (for ``state.max_steps`` steps), plus any passed as ``lorakit_hooks=[...]``. They are
+called at the points of lorakit's own loop (see :class:`LorakitTrainerMixin`), their state is saved in each
+``checkpoint-N`` (``lorakit_hooks.pt``) and restored on resume before the adapter tensors and the optimizer.
+
     from transformers import Trainer
     from trl import SFTTrainer
     from lorakit.train.hf_trainer import LorakitTrainer, lorakit_trainer
@@ -18,7 +25,8 @@ and restores the optimizer, scheduler, scaler, RNG and trainer state.
 
 Layout (PEFT's): adapter ``"default"`` is written at the top of the folder, any other adapter ``x`` in ``x/``.
 Single-process and DDP training are supported; DeepSpeed ZeRO-3 / FSDP sharded models are not (their
-parameters are not whole on one process).
+parameters are not whole on one process). Hooks that replace trained tensors (SoRA / AdaLoRA / IncreLoRA changing
+ranks) need a single process: DDP keeps the tensors it was built with.
 """
 from __future__ import annotations
 
@@ -29,9 +37,11 @@ from typing import Any, TypeVar
 
 import torch
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..errors import AdapterFileError
+from ..errors import AdapterFileError, LorakitError
+from ..hooks import HookList, TrainingHook, training_hooks
 from ..inject import configs, delete_adapter, trainable_parameters
 from ..io.adapter_files import load_adapter, save_adapter
 
@@ -39,6 +49,7 @@ DEFAULT = "default"
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 TRAINING_ARGS_FILE = "training_args.bin"
+HOOKS_FILE = "lorakit_hooks.pt"  # HookList.state_dict() of a checkpoint (torch.save; loads with weights_only=True)
 
 T = TypeVar("T", bound=type)
 
@@ -119,18 +130,85 @@ def restore_adapters(model: nn.Module, directory: str | os.PathLike[str],
     return names
 
 
+class _HookCallback(TrainerCallback):
+    """Calls the trainer's lorakit hooks at the Trainer's events; the regulariser is added by
+    :meth:`LorakitTrainerMixin.training_step` (it must reach the gradient before clipping)."""
+
+    def __init__(self, trainer: LorakitTrainerMixin) -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # after the optimizer exists and a resumption was loaded; before the first step (lorakit's order)
+        trainer = self.trainer
+        if trainer._lorakit_pending is not None:  # a transformers version that resumes along another path
+            raise LorakitError(f"resuming from {trainer._lorakit_pending}: the adapters were not restored (the "
+                               f"Trainer did not call _load_optimizer_and_scheduler); this transformers version "
+                               f"is not supported by lorakit.train.hf_trainer")
+        trainer._lorakit_hooks().on_train_begin(trainer._lorakit_unwrapped(), trainer.optimizer)
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # before the step's first micro-batch forward
+        self.trainer._lorakit_hooks().before_forward(self.trainer._lorakit_unwrapped(), state.global_step)
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # after every backward and the gradient clipping, before optimizer.step()
+        trainer = self.trainer
+        trainer._lorakit_hooks().before_step(trainer._lorakit_unwrapped(), trainer.optimizer, state.global_step)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # after optimizer.step(), the scheduler step, zero_grad and global_step += 1; before logging and saving
+        trainer = self.trainer
+        trainer._lorakit_hooks().after_step(trainer._lorakit_unwrapped(), trainer.optimizer, state.global_step)
+
+
 class LorakitTrainerMixin:
     """Mix into a ``transformers.Trainer`` subclass (first in the bases) to save and resume lorakit adapters in
-    PEFT's format instead of full model copies: ``class MyTrainer(LorakitTrainerMixin, SFTTrainer): ...``.
+    PEFT's format instead of full model copies, and to train them with their method's training hooks:
+    ``class MyTrainer(LorakitTrainerMixin, SFTTrainer): ...``.
 
     ``save_model(dir)`` and every ``checkpoint-N`` hold the adapters (see :func:`save_adapters`), the tokenizer /
     processor and ``training_args.bin``, but no base weights. ``train(resume_from_checkpoint=...)`` and
     ``load_best_model_at_end`` restore the adapters in place from those files (:func:`restore_adapters`); a
     checkpoint without them (or a model without lorakit adapters) goes through the Trainer's own code.
+
+    Training hooks (:class:`lorakit.hooks.TrainingHook`): when ``train()`` starts, :attr:`lorakit_hook_list` is built
+    from :func:`lorakit.hooks.training_hooks` for each adapter (of :attr:`lorakit_adapters`) with a tensor that
+    requires grad, for ``state.max_steps`` steps (unless ``lorakit_method_hooks=False``), followed by the extra
+    ``lorakit_hooks``; both are constructor keywords or class attributes. They are called as lorakit's own loop
+    calls them: ``on_train_begin`` after the optimizer is made (and a resumption loaded); ``before_forward`` at the
+    Trainer's ``on_step_begin`` (before the step's first micro-batch); the regulariser once per optimizer step,
+    backpropagated after the step's last micro-batch (before gradient clipping); ``before_step`` at
+    ``on_pre_optimizer_step`` (after clipping); ``after_step`` at ``on_step_end`` (after ``optimizer.step()``, the
+    scheduler and ``global_step += 1``, before the checkpoint of that step). Hooks get the unwrapped model and the
+    Trainer's (accelerate-wrapped) optimizer, whose parameter groups and state are the wrapped optimizer's, so
+    :func:`lorakit.hooks.replace_parameter` works on it.
+
+    Each ``checkpoint-N`` stores the hooks' state in ``lorakit_hooks.pt``. On resume the Trainer makes the optimizer
+    from the fresh model's tensors; then the hooks are built and their state loaded (a rank hook reshapes the
+    adapter's tensors in place to the checkpoint's ranks), the adapter tensors are copied in, and only then the
+    Trainer loads the optimizer's state: lorakit's order.
     """
 
     #: Adapters to save and restore; ``None``: every adapter of the model.
     lorakit_adapters: Sequence[str] | None = None
+    #: Extra hooks, called after the method hooks.
+    lorakit_hooks: Sequence[TrainingHook] = ()
+    #: Whether to add :func:`lorakit.hooks.training_hooks` of every trained adapter.
+    lorakit_method_hooks: bool = True
+    #: The hooks of the current (or last) ``train()`` call; ``None`` before training starts.
+    lorakit_hook_list: HookList | None = None
+
+    def __init__(self, *args: Any, lorakit_hooks: Sequence[TrainingHook] | None = None,
+                 lorakit_method_hooks: bool | None = None, **kwargs: Any) -> None:
+        if lorakit_hooks is not None:
+            HookList(lorakit_hooks)  # refuse a non-hook now, not when training starts
+            self.lorakit_hooks = list(lorakit_hooks)
+        if lorakit_method_hooks is not None:
+            self.lorakit_method_hooks = lorakit_method_hooks
+        self._lorakit_pending: str | None = None  # checkpoint whose adapters wait for the hooks' state
+        super().__init__(*args, **kwargs)
+        trainer: Any = self
+        trainer.add_callback(_HookCallback(self))
 
     def _lorakit_unwrapped(self, model: nn.Module | None = None) -> nn.Module:
         trainer: Any = self
@@ -140,6 +218,60 @@ class LorakitTrainerMixin:
     def _lorakit_names(self, model: nn.Module) -> list[str]:
         return _names(model, self.lorakit_adapters)
 
+    # -- training hooks ------------------------------------------------------------------------------------------
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        self.lorakit_hook_list = None  # built again for this call's number of steps
+        return super().train(*args, **kwargs)  # type: ignore[misc]
+
+    def _lorakit_hooks(self) -> HookList:
+        """The hooks of this ``train()`` call, built at its first need (``state.max_steps`` is known by then)."""
+        if self.lorakit_hook_list is None:
+            trainer: Any = self
+            model = self._lorakit_unwrapped()
+            hooks: list[TrainingHook] = []
+            if self.lorakit_method_hooks:
+                for name in self._lorakit_names(model):
+                    if any(p.requires_grad for p in trainable_parameters(model, name).values()):
+                        hooks += training_hooks(configs(model)[name], name, trainer.state.max_steps)
+            self.lorakit_hook_list = HookList([*hooks, *self.lorakit_hooks])
+        return self.lorakit_hook_list
+
+    def training_step(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The Trainer's micro-batch step; after the last micro-batch of an optimizer step (the Trainer marks it with
+        ``gradient_state.sync_gradients``), also backpropagate the hooks' regulariser: once per step, before the
+        gradient clipping, through ``accelerator.backward`` (so an fp16 loss scale applies to it too). The returned
+        loss is the data loss, as lorakit's loop logs it."""
+        loss = super().training_step(*args, **kwargs)  # type: ignore[misc]
+        trainer: Any = self
+        hooks = self.lorakit_hook_list
+        if hooks is not None and hooks.hooks and trainer.accelerator.gradient_state.sync_gradients:
+            extra = hooks.regulariser(self._lorakit_unwrapped())
+            if extra is not None:  # under DDP: after the synchronised backward, each process adds the same term
+                trainer.accelerator.backward(extra)
+        return loss
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """Write the hooks' state into ``checkpoint-N`` first, then let the Trainer save the rest of it."""
+        trainer: Any = self
+        hooks = self.lorakit_hook_list
+        if hooks is not None and hooks.hooks and trainer.args.should_save:
+            folder = os.path.join(trainer._get_output_dir(trial=trial),
+                                  f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}")
+            os.makedirs(folder, exist_ok=True)
+            torch.save(hooks.state_dict(), os.path.join(folder, HOOKS_FILE))
+        return super()._save_checkpoint(model, trial)  # type: ignore[misc]
+
+    def _lorakit_load_hooks(self, checkpoint: str, *, required: bool) -> None:
+        """Load the hooks' state saved in ``checkpoint``; a rank hook reshapes the adapter to the saved ranks."""
+        hooks = self._lorakit_hooks()
+        path = os.path.join(checkpoint, HOOKS_FILE)
+        if os.path.isfile(path):
+            hooks.load_state_dict(torch.load(path, weights_only=True), self._lorakit_unwrapped())
+        elif hooks.hooks and required:
+            raise LorakitError(f"{checkpoint} holds no {HOOKS_FILE}, but this run trains with the training hooks "
+                               f"{[type(h).__name__ for h in hooks.hooks]}: resume a checkpoint written with them")
+
+    # -- saving and restoring ------------------------------------------------------------------------------------
     def _save(self, output_dir: str | None = None, state_dict: dict[str, Any] | None = None) -> None:
         """Write the adapters, the processing class and the training arguments to ``output_dir``."""
         trainer: Any = self
@@ -160,22 +292,36 @@ class LorakitTrainerMixin:
         return None
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        """Restore the adapters from ``resume_from_checkpoint`` (PEFT-format files) in place."""
+        """Resumption, first part (before the optimizer exists): note the checkpoint whose PEFT-format adapters
+        :meth:`_load_optimizer_and_scheduler` restores, once the hooks' state has given them the saved shapes."""
         unwrapped = self._lorakit_unwrapped(model)
         names = self._lorakit_names(unwrapped)
         if not has_adapters(resume_from_checkpoint, names):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)  # type: ignore[misc]
-        restore_adapters(unwrapped, resume_from_checkpoint, names)
+        self._lorakit_pending = resume_from_checkpoint
         return None
 
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """Resumption, second part (the optimizer holds the model's tensors): the hooks' state (which may reshape
+        the adapters in place), the adapter tensors, then the Trainer's optimizer and scheduler state."""
+        if checkpoint is not None:
+            self._lorakit_load_hooks(checkpoint, required=True)
+            if self._lorakit_pending == checkpoint:
+                model = self._lorakit_unwrapped()
+                restore_adapters(model, checkpoint, self._lorakit_names(model))
+                self._lorakit_pending = None
+        return super()._load_optimizer_and_scheduler(checkpoint)  # type: ignore[misc]
+
     def _load_best_model(self) -> None:
-        """Restore the adapters of the best checkpoint (``load_best_model_at_end=True``) in place."""
+        """Restore the adapters of the best checkpoint (``load_best_model_at_end=True``) in place (after giving them
+        its ranks when the hooks changed them since)."""
         trainer: Any = self
         best = trainer.state.best_model_checkpoint
         model = self._lorakit_unwrapped()
         names = self._lorakit_names(model)
         if best is None or not has_adapters(best, names):
             return super()._load_best_model()  # type: ignore[misc]
+        self._lorakit_load_hooks(best, required=False)
         restore_adapters(model, best, names)
         return None
 
@@ -193,7 +339,7 @@ def lorakit_trainer(trainer_cls: T) -> T:
 
 
 LorakitTrainer = lorakit_trainer(Trainer)
-"""``transformers.Trainer`` that saves and resumes lorakit adapters in PEFT's format."""
+"""``transformers.Trainer`` that saves and resumes lorakit adapters in PEFT's format and runs their training hooks."""
 
-__all__ = ["LorakitTrainer", "LorakitTrainerMixin", "adapter_directory", "has_adapters", "lorakit_trainer",
-           "restore_adapters", "save_adapters"]
+__all__ = ["HOOKS_FILE", "LorakitTrainer", "LorakitTrainerMixin", "adapter_directory", "has_adapters",
+           "lorakit_trainer", "restore_adapters", "save_adapters"]
