@@ -240,3 +240,82 @@ def test_threaded_engine_streams_and_runs_calls_between_steps():
         assert engine.call(lambda: sorted(engine.adapters.names())) == ["a", "b", "c"]
     finally:
         engine.stop()
+
+
+def test_a_request_failing_in_prefill_or_decode_finishes_alone_and_releases_once(tmp_path, monkeypatch):
+    """Issue 14: one request whose sampling fails (on its first token in the batched prefill, or later in decode)
+    finishes once with "error"; the others of its batch complete exactly as alone, and every adapter is released."""
+    import lorakit.serve.engine as engine_module
+    from lorakit.pool import AdapterPool
+
+    source, tok = model_with_adapters(), tiny_tokenizer()
+    for name in ("a", "b"):
+        lorakit.save_adapter(source, tmp_path / name, name)
+    pool = AdapterPool(zoo.tiny_llama(), capacity=2)
+    for name in ("a", "b"):
+        pool.register(name, tmp_path / name)
+    real = engine_module.sample
+
+    def failing(logits, params, generator):
+        if params.seed is not None and len(calls.setdefault(params.seed, [])) >= params.seed - 100:
+            raise RuntimeError("probability tensor contains inf, nan or element < 0")
+        calls.setdefault(params.seed, []).append(1)
+        return real(logits, params, generator)
+
+    calls: dict[int, list[int]] = {}
+    monkeypatch.setattr(engine_module, "sample", failing)
+    good = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    jobs = [(tok(p).input_ids, a, good) for p, a in [("one", "a"), ("two", "b"), ("three", None), ("four", "a")]]
+    jobs.insert(1, (tok("bad").input_ids, "a", SamplingParams(max_tokens=4, temperature=0.0, seed=100)))  # 1st token
+    jobs.insert(3, (tok("late").input_ids, "b", SamplingParams(max_tokens=4, temperature=0.0, seed=102)))  # 3rd
+    outs = run(Engine(pool.model, tok, pool, max_batch=8), jobs, stagger=False)
+    for i, (out, (prompt, adapter, _)) in enumerate(zip(outs, jobs)):
+        reasons = [o.finish_reason for o in out if o.finish_reason is not None]
+        if i in (1, 3):
+            assert reasons == ["error"], i
+        else:
+            assert reasons == ["length"] and tokens(out) == reference(source, prompt, adapter, 4, True), i
+    assert all(pool.info(n)["in_use"] == 0 for n in ("a", "b"))
+
+
+def test_degenerate_temperature_is_greedy_and_seeds_are_bounded():
+    logits = torch.tensor([0.5, 3.0, -1.0])
+    assert SamplingParams(temperature=1e-300).greedy
+    assert sample_token(logits, SamplingParams(temperature=1e-300)) == 1
+    with pytest.raises(lorakit.ConfigError, match=r"seed=1180591620717411303424 is invalid: must be an integer in"):
+        SamplingParams(seed=2**70)
+    with pytest.raises(lorakit.ConfigError, match="seed"):
+        SamplingParams(seed=-1)
+
+
+def sample_token(logits, params):
+    from lorakit.serve.sampling import make_generator, sample
+
+    return sample(logits, params, make_generator(0, logits.device))
+
+
+def test_the_engine_thread_survives_an_error_outside_a_step_and_keeps_serving(monkeypatch):
+    """Issue 14: an exception the step does not handle used to kill the engine thread (later requests hung)."""
+    import threading
+
+    model, tok = model_with_adapters(), tiny_tokenizer()
+    engine = Engine(model, tok)
+    real, failures = engine._run_calls, []
+
+    def broken_once():  # _run_calls runs before the step's own try
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("a bug outside the step's error handling")
+        real()
+
+    monkeypatch.setattr(engine, "_run_calls", broken_once)
+    engine.start()
+    try:
+        out: list[Output] = []
+        done = threading.Event()
+        engine.submit(tok("q").input_ids, "a", SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True),
+                      lambda o: (out.append(o), o.finish_reason and done.set()))
+        assert done.wait(30) and out[-1].finish_reason == "length" and engine.healthy
+    finally:
+        engine.stop()
+    assert failures and engine.crashes == 1

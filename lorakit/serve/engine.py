@@ -68,6 +68,7 @@ class Request:
     aborted: bool = False
     stream: TextStream | None = None
     generator: torch.Generator | None = None
+    finished: bool = False  # set by Engine._finish, which runs once per request
 
 
 class Engine:
@@ -102,6 +103,7 @@ class Engine:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self.crashes = 0  # loop iterations that failed outside a step's own error handling
 
     # -- submitting (any thread) -----------------------------------------------------------------------
     def submit(self, prompt_ids: Sequence[int], adapter: str | None, params: SamplingParams,
@@ -160,6 +162,11 @@ class Engine:
                 done.wait(0.05)
 
     @property
+    def healthy(self) -> bool:
+        """The engine thread is running (or the engine is driven inline: no thread was started)."""
+        return self._thread is None or (self._thread.is_alive() and not self._stopping)
+
+    @property
     def num_waiting(self) -> int:
         return len(self._waiting)
 
@@ -189,7 +196,17 @@ class Engine:
                     self._cond.wait()
                 if self._stopping:
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception:  # a bug outside the step's own handling: fail what is in flight, keep serving
+                self.crashes += 1
+                log.exception("engine loop iteration failed; failing the requests in flight")
+                self._fail_all()
+
+    def _fail_all(self) -> None:
+        for request in self._running:
+            self._finish(request, "", "error")
+        self._running, self._kv = [], BatchKV()
 
     @torch.inference_mode()
     def step(self) -> None:
@@ -202,9 +219,7 @@ class Engine:
                 self._decode()
         except Exception:  # a failed forward must not kill the server: fail the batch (finish "error"), keep serving
             log.exception("engine step failed")
-            for request in self._running:
-                self._finish(request, "", "error")
-            self._running, self._kv = [], BatchKV()
+            self._fail_all()
         self.metrics.set("requests_running", len(self._running), help="requests in the running batch")
         self.metrics.set("requests_waiting", len(self._waiting), help="requests waiting for a batch slot")
 
@@ -270,10 +285,10 @@ class Engine:
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                              use_cache=True, logits_to_keep=1)
         self.metrics.inc("prompt_tokens_total", int(mask.sum()), help="prompt tokens prefilled")
-        going = [row for row, request in enumerate(chunk) if not self._emit(request, out.logits[row, -1])]
+        going = [row for row, request in enumerate(chunk) if not self._emit_or_fail(request, out.logits[row, -1])]
         if going:
+            self._kv.join(out.past_key_values, mask, going)  # first: a failure here leaves the batch as it was
             self._running.extend(chunk[row] for row in going)
-            self._kv.join(out.past_key_values, mask, going)
 
     def _decode(self) -> None:
         last = torch.tensor([[r.generated[-1]] for r in self._running], device=self.device)
@@ -283,7 +298,7 @@ class Engine:
                              past_key_values=self._kv.cache, use_cache=True)
         self._kv.step_done()
         logits = out.logits[:, -1]
-        done = [i for i, request in enumerate(self._running) if self._emit(request, logits[i])]
+        done = [i for i, request in enumerate(self._running) if self._emit_or_fail(request, logits[i])]
         if done:
             self._remove(done)
 
@@ -291,6 +306,16 @@ class Engine:
         drop = set(rows)
         self._kv.keep([i for i in range(len(self._running)) if i not in drop])
         self._running = [r for i, r in enumerate(self._running) if i not in drop]
+
+    def _emit_or_fail(self, request: Request, logits: Tensor) -> bool:
+        """:meth:`_emit`, or, when sampling or streaming this request fails, finish it alone with "error"; returns
+        whether the request has finished."""
+        try:
+            return self._emit(request, logits)
+        except Exception:
+            log.exception("request %s failed", request.id)
+            self._finish(request, "", "error")
+            return True
 
     def _emit(self, request: Request, logits: Tensor) -> bool:
         """Sample the next token of ``request``, stream it; returns whether the request has finished."""
@@ -313,6 +338,10 @@ class Engine:
         return True
 
     def _finish(self, request: Request, text: str, reason: str, tokens: list[int] | None = None) -> None:
+        """End ``request`` (once: a request already finished is left alone) and release its adapter."""
+        if request.finished:
+            return
+        request.finished = True
         if request.adapter is not None:
             self.adapters.release([request.adapter])
         if reason in ("stop", "length"):

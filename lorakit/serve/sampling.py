@@ -1,9 +1,11 @@
 """Per-request sampling: parameters, the next-token draw, and incremental text with stop strings.
 
 Sampling follows the OpenAI API's meaning of each field: ``temperature == 0`` is greedy decoding (argmax, as
-transformers' ``generate(do_sample=False)``); otherwise the logits are divided by ``temperature``, the smallest set of
-tokens whose probability reaches ``top_p`` is kept (nucleus sampling), and one token is drawn with the request's own
-seeded generator, so a request's sample does not depend on which other requests share its batch.
+transformers' ``generate(do_sample=False)``), and so is any temperature below :data:`MIN_TEMPERATURE` (dividing the
+logits by it would overflow to ``inf`` and the draw to ``nan``; its distribution is the argmax's anyway); otherwise
+the logits are divided by ``temperature``, the smallest set of tokens whose probability reaches ``top_p`` is kept
+(nucleus sampling), and one token is drawn with the request's own seeded generator, so a request's sample does not
+depend on which other requests share its batch.
 """
 from __future__ import annotations
 
@@ -13,6 +15,9 @@ import torch
 from torch import Tensor
 
 from ..errors import require
+
+MIN_TEMPERATURE = 1e-5  # below it, sampling is greedy
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a 64-bit integer
 
 
 @dataclass(frozen=True)
@@ -42,10 +47,12 @@ class SamplingParams:
         require(0.0 < self.top_p <= 1.0, "top_p", self.top_p, "must be in (0, 1]")
         require(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop, "must be non-empty strings")
         require(len(self.stop) <= 16, "stop", self.stop, "at most 16 stop strings")
+        require(self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed <= MAX_SEED), "seed", self.seed,
+                f"must be an integer in [0, {MAX_SEED}]")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < MIN_TEMPERATURE
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:

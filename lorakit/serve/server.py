@@ -159,8 +159,11 @@ def create_app(engine: Engine, base_name: str, *, allowed_dir: str | Path | None
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "running": engine.num_running, "waiting": engine.num_waiting}
+    async def health() -> JSONResponse:
+        """200 while the engine thread serves; 503 when it has stopped (requests would not be answered)."""
+        body = {"status": "ok" if engine.healthy else "unavailable", "running": engine.num_running,
+                "waiting": engine.num_waiting, "engine_crashes": engine.crashes}
+        return JSONResponse(body, 200 if engine.healthy else 503)
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
