@@ -92,7 +92,7 @@ def _check_names(model: nn.Module, names: Sequence[str]) -> None:
             raise LorakitError(f"unknown adapter {name!r}; this model has: {sorted(known) or 'none'}")
 
 
-def _build_all(model: nn.Module, config: AdapterConfig, dtype: torch.dtype | None = None,
+def build_adapters(model: nn.Module, config: AdapterConfig, dtype: torch.dtype | None = None,
                ) -> tuple[list[tuple[str, nn.Module, HostLayer, Adapter]], SharedState | None]:
     """Build (without attaching) the adapter of every target, plus the method's shared state if it has one."""
     adapter_cls, _ = METHODS.get(config.method)
@@ -145,7 +145,7 @@ def adapt(
     require(isinstance(name, str) and name.isidentifier(), "name", name, "must be a Python identifier")
     if name in configs(model):
         raise LorakitError(f"adapter {name!r} already exists on this model; delete it first or pick another name")
-    built, shared = _build_all(model, config, dtype)  # build everything first: a failure leaves the model untouched
+    built, shared = build_adapters(model, config, dtype)  # build everything first: a failure leaves the model untouched
     for _, _, host, adapter in built:
         host.check_rewrite(name, adapter)
     for path, module, host, adapter in built:
@@ -323,7 +323,7 @@ def inspect_targets(model: nn.Module, config: AdapterConfig) -> list[TargetInfo]
     State shared across layers (see :class:`~lorakit.methods.base.SharedState`) is not counted per layer.
     """
     rows = []
-    for path, _, host, adapter in _build_all(model, config)[0]:
+    for path, _, host, adapter in build_adapters(model, config)[0]:
         rows.append(TargetInfo(path, type(host.base_layer).__name__, host.geometry.kind,
                                tuple(host.backend.weight().shape),
                                sum(p.numel() for p in adapter.trainable().values())))

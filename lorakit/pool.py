@@ -30,9 +30,9 @@ import torch
 from torch import Tensor, nn
 
 from .config import AdapterConfig
-from .errors import LorakitError
+from .errors import AdapterFileError, LorakitError
 from .hosts.host import adapters_named
-from .inject import POOL, configs, delete_adapter
+from .inject import POOL, build_adapters, configs, delete_adapter
 from .io.adapter_files import CONFIG_FILE, attach_adapter, read_adapter
 from .io.files import read_json, resolve_inside
 from .routing.stacked import SlotStack, SlotTable, stackable
@@ -95,13 +95,27 @@ class AdapterPool:
                 raise LorakitError(f"the model already has an adapter {name!r} outside the pool; pick another name")
             source = resolve_inside(path, self.allowed_dir)
             config, tensors = read_adapter(source)
+            with self._rng_kept():  # building draws random inits, overwritten by the file's tensors
+                residual, init = _compensations(self.model, config, source), getattr(config, "init", None)
+            if residual:  # attach the trained factors without the base rewrite; the residual joins the factors
+                config = config.replace(init=type(config).__dataclass_fields__["init"].default, init_options={})
             entry = _Entry(config, tensors, source, self._parent_base(source))
             self._attach_to_model(name, entry)  # validates the tensors against the model
             layers = [h for h, _ in adapters_named(self.model, name)]
             entry.targets = [h.path for h in layers]
+            if residual and not all(stackable(h.adapters[name], h.geometry.kind) for h in layers):
+                delete_adapter(self.model, name)
+                raise AdapterFileError(
+                    f"{source}: its initialiser ({init}) rewrites the base weight, which an "
+                    "AdapterPool shares; it is served as its exact plain-LoRA equivalent on the stock base only when "
+                    "it is exactly low rank on linear layers. Export it with lorakit.export_lora and register that")
             if all(stackable(h.adapters[name], h.geometry.kind) for h in layers):
                 for host in layers:
                     b_eff, a_eff = host.adapters[name].factors()
+                    if host.path in residual:  # W + B A - U D: the same update on the stock base, rank r + r0
+                        up, down = residual[host.path]
+                        b_eff = torch.cat([b_eff, -up.to(b_eff.dtype)], dim=1)
+                        a_eff = torch.cat([a_eff, down.to(a_eff.dtype)], dim=0)
                     if host.stack is None or host.stack.table is not self._table:
                         host.stack = SlotStack(self._table, host.geometry.d_in, host.geometry.d_out, a_eff)
                     entry.factors[host.path] = (_to_host(b_eff), _to_host(a_eff))
@@ -217,9 +231,13 @@ class AdapterPool:
     def _attach_to_model(self, name: str, entry: _Entry) -> None:
         """Attach ``name`` to the model, not activated; the global RNG is left as it was (init draws are
         overwritten by the file's tensors)."""
-        device = next(self.model.parameters()).device
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with self._rng_kept():
             attach_adapter(self.model, entry.config, entry.tensors, name, entry.source, activate=False)
+
+    def _rng_kept(self) -> Any:
+        """A context in which random draws leave the global RNG (CPU and the model's CUDA device) as it was."""
+        device = next(self.model.parameters()).device
+        return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
     def _make_resident(self, name: str) -> None:
         if name not in self._resident:
@@ -247,6 +265,18 @@ class AdapterPool:
         for path in factors:
             self.model.get_submodule(path).stack.drop(name)
         self._table.free(name)
+
+
+def _compensations(model: nn.Module, config: AdapterConfig, source: Path) -> dict[str, tuple[Tensor, Tensor]]:
+    """Layer path -> the canonical ``(U, D)`` of the base rewrite ``W <- W - U D`` that ``config``'s initialiser
+    (PiSSA, OLoRA, ...) would make, computed on the stock base without touching it; empty when it makes none."""
+    try:
+        built, _ = build_adapters(model, config)
+        pending = {path: adapter.pending_compensation() for path, _, _, adapter in built}
+    except LorakitError as exc:
+        raise AdapterFileError(f"{source}: {exc}") from None
+    return {path: (up.detach(), down.detach()) for path, found in pending.items() if found is not None
+            for up, down in [found]}
 
 
 def _to_host(factor: Tensor) -> Tensor:

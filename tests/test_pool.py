@@ -245,3 +245,43 @@ def test_peft_files_load_and_match_peft(tmp_path):
         with torch.no_grad():
             expected = theirs(ids, adapter_names=["p1", "p0", "__base__", "p1"]).logits
         torch.testing.assert_close(mixed, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_a_residual_adapter_is_served_as_its_plain_equivalent_without_touching_the_shared_base(tmp_path, init):
+    """Issue 14: registering a PiSSA / OLoRA adapter used to rewrite the base every tenant shares."""
+    import zoo
+
+    trained = zoo.tiny_llama()
+    lorakit.adapt(trained, lorakit.LoraConfig(r=4, targets=["q_proj", "v_proj", "down_proj"], init=init), "res")
+    zoo.perturb(trained, 0.3)
+    lorakit.save_adapter(trained, tmp_path / "res", name="res")
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(1))
+
+    alone = zoo.tiny_llama()
+    lorakit.load_adapter(alone, tmp_path / "res", name="res")  # one tenant: the base rewrite is fine here
+    served = zoo.tiny_llama()
+    untouched = {k: v.clone() for k, v in served.state_dict().items()}
+    pool = lorakit.AdapterPool(served, capacity=2)
+    pool.register("res", tmp_path / "res")
+    pool.acquire(["res"])
+    with torch.no_grad():
+        for host in lorakit.inject.hosts(served):  # the shared base weights are bit-identical
+            assert torch.equal(host.backend.weight(), untouched[f"{host.path}.weight"]), host.path
+        with lorakit.route(served, ["res", None]):
+            mixed = served(ids).logits
+        torch.testing.assert_close(mixed[0], alone(ids[:1]).logits[0], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(mixed[1], zoo.tiny_llama()(ids[1:]).logits[0], atol=1e-6, rtol=1e-6)
+
+
+def test_a_lofq_adapter_whose_base_was_replaced_is_refused_by_a_pool(tmp_path):
+    import zoo
+
+    trained = zoo.tiny_llama()
+    lorakit.adapt(trained, lorakit.LoraConfig(r=2, targets=["q_proj"], init="loftq"), "q")
+    lorakit.save_adapter(trained, tmp_path / "q", name="q")
+    served = zoo.tiny_llama()
+    pool = lorakit.AdapterPool(served, capacity=1)
+    with pytest.raises(lorakit.AdapterFileError, match="replaces the base weight"):
+        pool.register("q", tmp_path / "q")
+    assert pool.names() == [] and not lorakit.configs(served)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..errors import LorakitError
 from ..hosts.backend import Backend
 from ..hosts.geometry import Geometry
 
@@ -87,4 +88,13 @@ class RewritesBase:
     @property
     def rewrites_base(self) -> bool:
         return self._rewrite is not None
+
+    def pending_compensation(self) -> tuple[Tensor, Tensor] | None:
+        rewrite = self._rewrite
+        if rewrite is None:
+            return None
+        if rewrite.replacement is not None:
+            raise LorakitError(f"init {self.config.init!r} replaces the base weight (a quantised base, LoftQ): the "  # type: ignore[attr-defined]
+                               "adapter is only valid on that base, not on a shared stock one")
+        return self.geometry.factored(rewrite.up, rewrite.down)  # type: ignore[attr-defined]
 

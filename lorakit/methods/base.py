@@ -99,6 +99,12 @@ class Adapter(nn.Module):
         """Whether the next :meth:`attach` rewrites the base weight (a residual initialisation such as PiSSA's)."""
         return False
 
+    def pending_compensation(self) -> tuple[Tensor, Tensor] | None:
+        """The base rewrite this adapter will make when attached, ``W <- W - U D``, as canonical ``(U, D)`` (scale
+        folded in); ``None`` when it leaves the base alone. With it, the adapter equals ``[B_eff, -U] [A_eff; D]``
+        on the stock base (how an adapter pool serves a PiSSA / OLoRA adapter without touching the shared base)."""
+        return None
+
     def merge_scale(self, base: Backend) -> Tensor | None:
         """Per-output-unit factor this adapter applies to the base weight when merged (``None``: 1).
 
