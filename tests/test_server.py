@@ -221,3 +221,26 @@ def test_cli_rejects_a_bad_adapter_spec():
     with pytest.raises(lorakit.LorakitError, match="NAME=PATH"):
         parse_adapter_specs(["just-a-path"])
     assert parse_adapter_specs(["x=/a=b"]) == [("x", "/a=b")]
+
+
+def test_api_key_guards_every_endpoint_and_runtime_updates_need_the_allowed_dir():
+    """Issue 14: no authentication existed, and unloading was not behind the runtime-update switch."""
+    from fastapi.testclient import TestClient
+
+    model, tok = model_with_adapters(names=("a",)), tiny_tokenizer()
+    app = create_app(Engine(model, tok), "base", api_key="s3cret")
+    with TestClient(app) as client:
+        for method, path in [("get", "/health"), ("get", "/v1/models"), ("post", "/v1/completions"),
+                             ("post", "/v1/unload_lora_adapter"), ("get", "/metrics")]:
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+                reply = getattr(client, method)(path, headers=headers)
+                assert reply.status_code == 401 and reply.json()["error"]["type"] == "authentication_error"
+        ok = {"Authorization": "Bearer s3cret"}
+        assert client.get("/v1/models", headers=ok).status_code == 200
+        body = {"model": "a", "prompt": "hi", "max_tokens": 2, "temperature": 0}
+        assert client.post("/v1/completions", json=body, headers=ok).json()["choices"][0]["text"] is not None
+        unload = client.post("/v1/unload_lora_adapter", json={"lora_name": "a"}, headers=ok)
+        assert unload.status_code == 403 and "runtime" in unload.json()["error"]["message"]
+        assert "a" in [m["id"] for m in client.get("/v1/models", headers=ok).json()["data"]]
+    with pytest.raises(lorakit.LorakitError, match="api_key is empty"):
+        create_app(Engine(model, tok), "base", api_key="")

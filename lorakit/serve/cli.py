@@ -9,6 +9,7 @@ FastAPI and uvicorn are imported only here (``pip install lorakit[serve]``).
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 from pathlib import Path
 
@@ -28,6 +29,9 @@ def serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="register an adapter folder (PEFT or lorakit format) under NAME; repeatable")
     parser.add_argument("--allowed-dir", help="folder that POST /v1/load_lora_adapter may load from (default: "
                                               "runtime loading disabled)")
+    parser.add_argument("--api-key", default=os.environ.get("LORAKIT_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on every endpoint (default: $LORAKIT_API_KEY; "
+                             "none: no authentication)")
     parser.add_argument("--served-model-name", help="the base model's name in the API (default: its folder name)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000, help="0: any free port (printed when ready)")
@@ -69,6 +73,6 @@ def run_serve(args: argparse.Namespace) -> int:
     port = sock.getsockname()[1]
     ready = lambda: print(f"lorakit serve: ready on http://{args.host}:{port}/v1 (model {base_name!r}, "
                           f"{len(pool.names())} adapters)", flush=True)
-    app = create_app(engine, base_name, allowed_dir=args.allowed_dir, on_ready=ready)
+    app = create_app(engine, base_name, allowed_dir=args.allowed_dir, on_ready=ready, api_key=args.api_key)
     uvicorn.Server(uvicorn.Config(app, log_level=args.log_level)).run(sockets=[sock])
     return 0

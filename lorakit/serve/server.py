@@ -11,6 +11,7 @@ when the waiting queue is full (the request was not accepted; every accepted req
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -54,8 +55,15 @@ def _status(exc: Exception) -> _HTTPError:
 
 
 def create_app(engine: Engine, base_name: str, *, allowed_dir: str | Path | None = None,
-               on_ready: Any = None) -> FastAPI:
-    """The API app; its lifespan starts and stops ``engine``'s thread (``on_ready`` is called once started)."""
+               on_ready: Any = None, api_key: str | None = None) -> FastAPI:
+    """The API app; its lifespan starts and stops ``engine``'s thread (``on_ready`` is called once started).
+
+    ``api_key``: every endpoint then needs ``Authorization: Bearer <api_key>`` (compared in constant time; 401
+    otherwise). ``allowed_dir``: where ``/v1/load_lora_adapter`` may load from; without it loading and unloading at
+    run time are both refused (403).
+    """
+    if api_key is not None and not api_key:
+        raise LorakitError("api_key is empty: give a non-empty key, or None for no authentication")
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -66,6 +74,18 @@ def create_app(engine: Engine, base_name: str, *, allowed_dir: str | Path | None
         engine.stop()
 
     app = FastAPI(title="lorakit serve", lifespan=lifespan)
+
+    if api_key is not None:
+        expected = f"Bearer {api_key}".encode()
+
+        @app.middleware("http")
+        async def _authenticate(request: Request, call_next: Any) -> Any:
+            given = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                return JSONResponse(error_body("missing or wrong API key: send 'Authorization: Bearer <key>'",
+                                               "authentication_error", 401), 401,
+                                    headers={"WWW-Authenticate": "Bearer"})
+            return await call_next(request)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -150,6 +170,9 @@ def create_app(engine: Engine, base_name: str, *, allowed_dir: str | Path | None
 
     @app.post("/v1/unload_lora_adapter")
     async def unload_adapter(body: UnloadAdapterRequest) -> PlainTextResponse:
+        if allowed_dir is None:
+            raise _status(PermissionError("unloading adapters at run time is disabled; start the server with "
+                                          "--allowed-dir DIR to allow runtime updates"))
         if body.lora_name not in engine.adapters.names():
             raise _HTTPError(404, f"unknown adapter {body.lora_name!r}", "not_found_error")
         try:
