@@ -131,3 +131,16 @@ def test_a_failed_write_leaves_the_previous_file_intact(saved, monkeypatch):
         lorakit.save_adapter(model, saved)
     assert (saved / WEIGHTS_FILE).read_bytes() == before
     assert not [p for p in saved.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_tensors_are_refused_and_leave_the_model_clean(saved, bad):
+    """Issue 14: a file with nan / inf factors loaded silently and poisoned every output."""
+    tensors = load_file(saved / WEIGHTS_FILE)
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    tensors[key][0, 0] = bad
+    save_file(tensors, saved / WEIGHTS_FILE)
+    model = tiny_llama()
+    with pytest.raises(lorakit.AdapterFileError, match="q_proj.lora_A.weight holds non-finite values"):
+        lorakit.load_adapter(model, saved)
+    assert not list(lorakit.inject.hosts(model)) and not lorakit.configs(model)

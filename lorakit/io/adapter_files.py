@@ -203,4 +203,6 @@ def _fill(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], source:
                 )
             if value.is_floating_point() != param.is_floating_point():  # integer buffers: e.g. MoS's shard indices
                 raise AdapterFileError(f"{source}: {key} has dtype {value.dtype}; the model expects {param.dtype}")
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise AdapterFileError(f"{source}: {key} holds non-finite values (nan or inf); the file is corrupt")
             param.copy_(value.to(param.dtype))
