@@ -52,11 +52,11 @@ class AdapterConfig:
         require(isinstance(self.targets, (str, tuple)), "targets", self.targets, "must be a string or a list of names")
         require(len(self.targets) > 0, "targets", self.targets, "must name at least one module")
         if isinstance(self.targets, str) and self.targets != ALL_LINEAR:
-            _check_regex("targets", self.targets)
+            check_regex("targets", self.targets)
         require(isinstance(self.exclude, (str, tuple)), "exclude", self.exclude, "must be a string or a list of names")
         require(self.exclude != ALL_LINEAR, "exclude", self.exclude, "cannot be 'all-linear'")
         if isinstance(self.exclude, str) and self.exclude:
-            _check_regex("exclude", self.exclude)
+            check_regex("exclude", self.exclude)
         for name in ("targets", "exclude"):
             value = getattr(self, name)
             if isinstance(value, tuple):
@@ -78,11 +78,28 @@ class AdapterConfig:
         return out
 
 
-def _check_regex(field: str, pattern: str) -> None:
+MAX_PATTERN_LENGTH = 1000
+# a quantified group that itself ends in a quantifier, e.g. (a+)+ or (\w*)*: exponential backtracking on a mismatch
+_NESTED_QUANTIFIER = re.compile(r"\((?:[^()\\]|\\.)*[+*}]\)(?:[+*]|\{\d*,)")
+
+
+def check_regex(field: str, pattern: str) -> None:
+    """``pattern`` compiles, is at most :data:`MAX_PATTERN_LENGTH` long and has no nested quantifier (patterns come
+    from adapter files too: an untrusted pattern must not hang the process matching module names)."""
+    require(isinstance(pattern, str) and len(pattern) <= MAX_PATTERN_LENGTH, field, str(pattern)[:60],
+            f"must be a string of at most {MAX_PATTERN_LENGTH} characters")
     try:
         re.compile(pattern)
     except re.error as exc:
         require(False, field, pattern, f"is not a valid regular expression ({exc})")
+    require(not _NESTED_QUANTIFIER.search(pattern), field, pattern,
+            "nests quantifiers (like '(a+)+'), which can take exponential time to match; simplify it")
+
+
+def check_patterns(field: str, patterns: Mapping[str, Any]) -> None:
+    """Every key of a ``rank_pattern`` / ``alpha_pattern`` mapping is a safe regex (:func:`check_regex`)."""
+    for key in patterns:
+        check_regex(f"{field}[{key!r}]" if isinstance(key, str) else field, key)
 
 
 def pattern_value(patterns: Mapping[str, Any], module_name: str, default: Any) -> Any:

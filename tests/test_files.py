@@ -144,3 +144,15 @@ def test_non_finite_tensors_are_refused_and_leave_the_model_clean(saved, bad):
     with pytest.raises(lorakit.AdapterFileError, match="q_proj.lora_A.weight holds non-finite values"):
         lorakit.load_adapter(model, saved)
     assert not list(lorakit.inject.hosts(model)) and not lorakit.configs(model)
+
+
+@pytest.mark.parametrize("key", ["(a+)+$", "(\\\\w*)*x", "x" * 1001, "q_proj("])
+def test_hostile_rank_pattern_keys_in_a_file_are_refused(saved, key):
+    """Issue 14: rank_pattern keys are regexes matched against every module name; a nested quantifier could hang the
+    process, an invalid one failed deep inside ``re``."""
+    config = json.loads((saved / CONFIG_FILE).read_text())
+    config["rank_pattern"] = {key: 2}
+    (saved / CONFIG_FILE).write_text(json.dumps(config))
+    save_file(load_file(saved / WEIGHTS_FILE), saved / WEIGHTS_FILE)  # as PEFT writes it: the config is the JSON
+    with pytest.raises((lorakit.AdapterFileError, lorakit.ConfigError), match="rank_pattern"):
+        lorakit.load_adapter(tiny_llama(), saved)

@@ -23,7 +23,7 @@ from typing import ClassVar, Mapping
 import torch
 from torch import Tensor, nn
 
-from ..config import AdapterConfig, pattern_value, require_rank_and_alpha
+from ..config import AdapterConfig, check_patterns, pattern_value, require_rank_and_alpha
 from ..errors import require
 from ..hosts.backend import Backend
 from ..hosts.geometry import Geometry
@@ -61,6 +61,7 @@ class GatedLoraConfig(AdapterConfig):
         require_rank_and_alpha(self.r, self.alpha)
         require(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "must be in [0, 1)")
         require(self.init in GATED_INITS, "init", self.init, f"must be one of {GATED_INITS}")
+        check_patterns("rank_pattern", self.rank_pattern)
         for key, r in self.rank_pattern.items():
             require(isinstance(r, int) and r >= 0, f"rank_pattern[{key!r}]", r, "must be an integer >= 0")
 

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from ..config import AdapterConfig, pattern_value, require_rank_and_alpha
+from ..config import AdapterConfig, check_patterns, pattern_value, require_rank_and_alpha
 from ..errors import require
 from ..hosts.backend import Backend
 from ..hosts.geometry import Geometry, LinearGeometry
@@ -61,6 +61,8 @@ class LoraConfig(AdapterConfig):
         require_rank_and_alpha(self.r, self.alpha)
         require(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "must be in [0, 1)")
         check_init(self.init, self.init_options, "BA", LORA_INITS)
+        check_patterns("rank_pattern", self.rank_pattern)
+        check_patterns("alpha_pattern", self.alpha_pattern)
         for key, r in self.rank_pattern.items():
             require(isinstance(r, int) and r >= 1, f"rank_pattern[{key!r}]", r, "must be a positive integer")
         for key, a in self.alpha_pattern.items():
