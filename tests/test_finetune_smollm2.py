@@ -13,7 +13,7 @@ needs_smollm2 = pytest.mark.skipif(
 
 
 @pytest.mark.parametrize(("raw", "clean"), [
-    ("Driverless cars?!! Wth  http://t.co/qgqe2JoYMD via @sharethis", "Driverless cars?!! Wth http via @sharethis"),
+    ("Driverless cars?!! Wth  http://t.co/qgqe2JoYMD via @sharethis", "Driverless cars?!! Wth via @sharethis"),
     ("book a flight &amp; your site is down _\ufffd\ufffd\ufffd", "book a flight & your site is down"),
     ("Sadie hates the google car. \u054d\ufffd\ufffd\ufffd_\ufffd_", "Sadie hates the google car."),
     ("@my_airline I\ufffd\ufffd\ufffdm fine :)", "@my_airline Im fine :)"),

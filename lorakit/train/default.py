@@ -118,10 +118,10 @@ def _confidence(value: str) -> float:
 
 
 def clean_text(text: str) -> str:
-    """A tweet without what costs tokens and carries no sentiment: each link becomes ``http`` (one token instead of
-    ~12 for a random t.co id; that there is a link is kept), HTML escapes are decoded (``&amp;``) and the corpus's
-    mis-encoded emoji and quotes (non-ASCII debris, bad bytes replaced by U+FFFD) are dropped."""
-    text = _MOJIBAKE.sub("", html.unescape(_LINK.sub(" http ", text)))
+    """A tweet without what costs tokens and carries no sentiment: links (~12 tokens for a random t.co id), HTML
+    escapes (``&amp;`` is decoded) and the corpus's mis-encoded emoji and quotes (non-ASCII debris, bad bytes replaced
+    by U+FFFD)."""
+    text = _MOJIBAKE.sub("", html.unescape(_LINK.sub(" ", text)))
     return " ".join(text.split())
 
 
@@ -129,13 +129,13 @@ def default_records() -> list[dict[str, Any]]:
     """Tweets (:func:`clean_text`) with a ``label`` of negative / neutral / positive, annotator confidence >= 0.9.
 
     The CSV (columns ``sentiment, confidence, text``; ~38k rows) is not valid UTF-8, so bad bytes are replaced.
-    Texts that occur more than once after cleaning (retweets differing only in their links, say) keep their first
-    label unless their labels disagree, then they are dropped; so no held-out tweet is also a training tweet.
+    Texts that occur more than once keep their first label unless their labels disagree, then they are dropped.
+    Cleaning comes after that, so the records (and the held-out split) are the same tweets as without it.
     """
     raw = package_file(DATA_PACKAGE, DATA_FILE).read_bytes().decode("utf-8", errors="replace")
     labels: dict[str, set[str]] = {}
     for row in csv.DictReader(io.StringIO(raw)):
-        text = clean_text(row["text"])
-        if _confidence(row["confidence"]) >= MIN_CONFIDENCE and text:
-            labels.setdefault(text, set()).add(row["sentiment"])
-    return [{"text": text, "label": next(iter(found))} for text, found in labels.items() if len(found) == 1]
+        if _confidence(row["confidence"]) >= MIN_CONFIDENCE and row["text"].strip():
+            labels.setdefault(row["text"].strip(), set()).add(row["sentiment"])
+    return [{"text": clean_text(text), "label": next(iter(found))} for text, found in labels.items()
+            if len(found) == 1]
