@@ -56,7 +56,7 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--response-column", default=_DEFAULTS.response_column,
                        help="sft response column (rows with a 'messages' list use it instead)")
     group.add_argument("--prompt-template", help="classification prompt containing {text}; "
-                                                  "default 'Text: {text}\\nLabel:' ('Tweet: {text}\\nSentiment:' "
+                                                  "default 'Text: {text}\\nLabel:' ('{text}\\nSentiment:' "
                                                   "for the embedded data)")
     group.add_argument("--max-length", type=int, default=_DEFAULTS.max_length, help="tokens per example (truncated)")
     group.add_argument("--eval-size", type=int, help="held-out examples (default min(200, 10%%))")

@@ -129,13 +129,20 @@ def default_records() -> list[dict[str, Any]]:
     """Tweets (:func:`clean_text`) with a ``label`` of negative / neutral / positive, annotator confidence >= 0.9.
 
     The CSV (columns ``sentiment, confidence, text``; ~38k rows) is not valid UTF-8, so bad bytes are replaced.
-    Texts that occur more than once keep their first label unless their labels disagree, then they are dropped.
-    Cleaning comes after that, so the records (and the held-out split) are the same tweets as without it.
+    Texts that occur more than once keep their first label unless their labels disagree, then they are dropped;
+    after cleaning, a tweet equal to an earlier one (a retweet differing only in its link) is dropped too, so no
+    held-out tweet is also a training tweet.
     """
     raw = package_file(DATA_PACKAGE, DATA_FILE).read_bytes().decode("utf-8", errors="replace")
     labels: dict[str, set[str]] = {}
     for row in csv.DictReader(io.StringIO(raw)):
         if _confidence(row["confidence"]) >= MIN_CONFIDENCE and row["text"].strip():
             labels.setdefault(row["text"].strip(), set()).add(row["sentiment"])
-    return [{"text": clean_text(text), "label": next(iter(found))} for text, found in labels.items()
-            if len(found) == 1]
+    records: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for text, found in labels.items():
+        clean = clean_text(text)
+        if len(found) == 1 and clean and clean not in seen:
+            seen.add(clean)
+            records.append({"text": clean, "label": next(iter(found))})
+    return records
