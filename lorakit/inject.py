@@ -47,15 +47,16 @@ def routers(model: nn.Module) -> dict[str, nn.Module]:
     return dict(container.items()) if container is not None else {}
 
 
-def _drop_shared(model: nn.Module, name: str | None) -> None:
-    """Remove adapter ``name``'s shared state (``None``: all of them) and the container once it is empty."""
-    container = model._modules.get(SHARED)
+def drop_entry(model: nn.Module, container_name: str, name: str | None) -> None:
+    """Remove entry ``name`` (``None``: all of them) of the model's container ``container_name`` (shared states,
+    routers) and the container once it is empty."""
+    container = model._modules.get(container_name)
     if container is None:
         return
     if name is not None and name in container:
         del container[name]
     if name is None or not len(container):
-        del model._modules[SHARED]
+        del model._modules[container_name]
 
 
 def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
@@ -259,8 +260,8 @@ def unload(model: nn.Module, *, merge_active: bool = False) -> nn.Module:
         if not merge_active:
             host.unmerge()
         _replace(model, host.path, host.base_layer)
-    _drop_shared(model, None)
-    model._modules.pop(ROUTERS, None)
+    drop_entry(model, SHARED, None)
+    drop_entry(model, ROUTERS, None)
     configs(model).clear()
     return model
 
@@ -273,7 +274,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             host.remove(name)
             if not host.adapters and host.stack is None:  # an AdapterPool's slots keep their layer
                 _replace(model, host.path, host.base_layer)
-    _drop_shared(model, name)
+    drop_entry(model, SHARED, name)
     del configs(model)[name]
 
 

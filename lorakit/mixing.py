@@ -18,7 +18,7 @@ from typing import Iterator, Sequence
 from torch import Tensor, nn
 
 from .errors import LorakitError, require
-from .inject import ROUTERS, _check_names, hosts, routers, using
+from .inject import ROUTERS, _check_names, drop_entry, hosts, routers, using
 from .routing.weighted import GateRouter, Router, WeightedRouting
 
 
@@ -41,10 +41,7 @@ def delete_router(model: nn.Module, name: str) -> None:
     """Remove router ``name``."""
     if name not in routers(model):
         raise LorakitError(f"unknown router {name!r}; this model has: {sorted(routers(model)) or 'none'}")
-    container = model._modules[ROUTERS]
-    del container[name]
-    if not len(container):
-        del model._modules[ROUTERS]
+    drop_entry(model, ROUTERS, name)
 
 
 def gate_router(model: nn.Module, names: Sequence[str], top_k: int | None = None,

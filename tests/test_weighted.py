@@ -121,3 +121,13 @@ def test_adapters_held_only_in_a_pools_slots_are_refused_not_skipped(tmp_path):
     with pytest.raises(LorakitError, match="unknown adapter 'a'"):
         with lorakit.mix(served, ["a"], torch.ones(1)):
             pass
+
+
+def test_deleting_the_last_router_removes_its_parameters_and_container():
+    model = experts()
+    gated(model, top_k=None)
+    lorakit.delete_router(model, "moe")
+    assert not any(k.startswith("lorakit_routers") for k in lorakit.trainable_parameters(model))
+    assert "lorakit_routers" not in dict(model.named_children())
+    with pytest.raises(LorakitError, match="unknown router 'moe'"):
+        lorakit.delete_router(model, "moe")
