@@ -29,6 +29,7 @@ from transformers import DynamicCache
 from ..errors import LorakitError
 from ..inject import route
 from .adapters import AdapterSet, AttachedAdapters, UnknownAdapterError
+from .handoff import Result
 from .kv import BatchKV
 from .metrics import Metrics
 from .sampling import SamplingParams, TextStream, make_generator, sample
@@ -98,7 +99,7 @@ class Engine:
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []
         self._kv = BatchKV()
-        self._calls: deque[tuple[Callable[[], Any], _Result]] = deque()
+        self._calls: deque[tuple[Callable[[], Any], Result]] = deque()
         self._ids = itertools.count()
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -133,7 +134,7 @@ class Engine:
 
     def call(self, fn: Callable[[], Any], timeout: float | None = 60.0) -> Any:
         """Run ``fn`` on the engine's thread between steps (e.g. load an adapter) and return its result."""
-        result = _Result()
+        result = Result()
         with self._cond:
             self._calls.append((fn, result))
             self._cond.notify()
@@ -350,29 +351,6 @@ class Engine:
         self.metrics.observe("request_latency_seconds", time.perf_counter() - request.arrival,
                              help="time from arrival to the last token")
         request.sink(Output(text, tokens or [], reason))
-
-
-class _Result:
-    """A value (or exception) handed from the engine thread to a caller."""
-
-    def __init__(self) -> None:
-        self._done = threading.Event()
-        self._value: Any = None
-        self._error: BaseException | None = None
-
-    def run(self, fn: Callable[[], Any]) -> None:
-        try:
-            self._value = fn()
-        except BaseException as exc:  # re-raised in the caller's thread
-            self._error = exc
-        self._done.set()
-
-    def get(self, timeout: float | None) -> Any:
-        if not self._done.wait(timeout):
-            raise LorakitError("the engine did not run the call in time")
-        if self._error is not None:
-            raise self._error
-        return self._value
 
 
 def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
