@@ -58,6 +58,18 @@ def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(cfg).eval()
 
 
+def tiny_unet(seed: int = 0) -> nn.Module:
+    """A ~50k-parameter ``UNet2DConditionModel`` (latents ``(B, 4, 8, 8)``, text states ``(B, T, 12)``), eval mode."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=12, attention_head_dim=4, norm_num_groups=4)
+    return unet.eval()
+
+
 def perturb(module: nn.Module, std: float = 0.3) -> None:
     """Give every adapter tensor a non-trivial value (so properties are not checked at a zero update)."""
     import lorakit
