@@ -49,6 +49,7 @@ from .methods.mosa import MosaConfig
 from .methods.randlora import RandLoraConfig
 from .methods.s2lora import S2LoraConfig
 from .methods.sara import SaraConfig
+from .methods.smora import SmoraConfig
 from .methods.sora import SoraConfig
 from .methods.svfit import SvfitConfig
 from .methods.tlora import TloraConfig
@@ -70,5 +71,5 @@ __all__ = [
     "WaraConfig",
     "CompacterConfig", "LamdaConfig", "MosConfig", "MosaConfig", "S2LoraConfig", "SaraConfig",
     "AdapterPool", "add_router", "delete_router", "gate_router", "mix", "using",
-    "AdaLoraConfig", "DyLoraConfig", "IncreLoraConfig", "SoraConfig",
+    "AdaLoraConfig", "DyLoraConfig", "IncreLoraConfig", "SoraConfig", "SmoraConfig",
 ]

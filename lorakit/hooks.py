@@ -8,7 +8,8 @@ calls them, and a user's own loop calls them through :class:`HookList` in the sa
     for step in range(steps):
         hooks.before_forward(model, step)                  # e.g. sample DyLoRA's rank, perturb weights (GGPO)
         loss = compute_loss(model, batch)
-        loss.backward()
+        extra = hooks.forward_loss(model)                   # e.g. a router's load balance (each forward)
+        (loss if extra is None else loss + extra).backward()
         extra = hooks.regulariser(model)                    # e.g. AdaLoRA / PEGO orthogonality (once per step)
         if extra is not None:
             extra.backward()
@@ -52,9 +53,18 @@ class TrainingHook:
     def before_forward(self, model: nn.Module, step: int) -> None:
         """Before the step's first forward pass; ``step`` counts completed optimizer steps."""
 
+    def forward_loss(self, model: nn.Module) -> Tensor | None:
+        """A term added to the loss of the forward pass just run, before its backward: losses of that forward's
+        activations (a router's load balance). Trainers weight it by the micro-batch's share of the step."""
+        return None
+
     def regulariser(self, model: nn.Module) -> Tensor | None:
         """A term added to the loss once per optimizer step (its gradient is accumulated before the step)."""
         return None
+
+    def metrics(self) -> dict[str, float]:
+        """Numbers logged with each step (e.g. routing statistics); keys are prefixed by the hook's own name."""
+        return {}
 
     def before_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
         """After all backward passes and gradient clipping, before ``optimizer.step()``."""
@@ -89,9 +99,14 @@ class HookList(TrainingHook):
         for hook in self.hooks:
             hook.before_forward(model, step)
 
+    def forward_loss(self, model: nn.Module) -> Tensor | None:
+        return summed(hook.forward_loss(model) for hook in self.hooks)
+
     def regulariser(self, model: nn.Module) -> Tensor | None:
-        terms = [t for t in (hook.regulariser(model) for hook in self.hooks) if t is not None]
-        return torch.stack([t.reshape(()) for t in terms]).sum() if terms else None
+        return summed(hook.regulariser(model) for hook in self.hooks)
+
+    def metrics(self) -> dict[str, float]:
+        return {k: v for hook in self.hooks for k, v in hook.metrics().items()}
 
     def before_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
         for hook in self.hooks:
@@ -111,6 +126,12 @@ class HookList(TrainingHook):
                                f"{len(self.hooks)}; resume with the same hooks")
         for hook, hook_state in zip(self.hooks, saved):
             hook.load_state_dict(hook_state, model)
+
+
+def summed(terms: Iterable[Tensor | None]) -> Tensor | None:
+    """The sum of the scalar terms that are not ``None`` (``None`` when none is)."""
+    present = [t.reshape(()) for t in terms if t is not None]
+    return torch.stack(present).sum() if present else None
 
 
 def optimized_parameters(optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:

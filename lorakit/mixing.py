@@ -13,13 +13,14 @@ it and ``lorakit.adapt(..., freeze_base=True)``), and :func:`lorakit.io.routers.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 from torch import Tensor, nn
 
 from .errors import LorakitError, require
 from .inject import ROUTERS, _check_names, drop_entry, hosts, routers, using
-from .routing.weighted import GateRouter, Router, WeightedRouting
+from .routing.routers import GateRouter
+from .routing.weighted import Router, WeightedRouting
 
 
 def add_router(model: nn.Module, name: str, router: nn.Module) -> nn.Module:
@@ -44,14 +45,24 @@ def delete_router(model: nn.Module, name: str) -> None:
     drop_entry(model, ROUTERS, name)
 
 
-def gate_router(model: nn.Module, names: Sequence[str], top_k: int | None = None,
-                temperature: float = 1.0) -> GateRouter:
+def gate_router(model: nn.Module, names: Sequence[str], top_k: int | None = None, temperature: float = 1.0,
+                **options: Any) -> GateRouter:
     """A :class:`GateRouter` over adapters ``names`` with a gate on every linear host layer holding one of them, on
-    the device and dtype of that layer's weight."""
+    the device and dtype of that layer's weight. A layer holding only the first ``N_l`` of ``names`` routes over
+    those (MoLA's per-layer expert counts). ``options``: ``noisy``, ``hard``, ``balance``, ``z_loss`` (see
+    :class:`GateRouter`)."""
     layers = [h for h in hosts(model) if h.geometry.kind == "linear" and any(n in h.adapters for n in names)]
     if not layers:
         raise LorakitError(f"no linear layer of this model holds any of the adapters {list(names)}")
-    router = GateRouter(len(names), {h.path: h.geometry.d_in for h in layers}, top_k, temperature)
+    counts = {}
+    for host in layers:
+        held = [n in host.adapters for n in names]
+        counts[host.path] = sum(held)
+        if not all(held[: counts[host.path]]):
+            raise LorakitError(f"layer {host.path!r} holds adapters {[n for n in names if n in host.adapters]}; a "
+                               f"router over {list(names)} needs each layer to hold a prefix of them")
+    router = GateRouter(len(names), {h.path: h.geometry.d_in for h in layers}, top_k, temperature,
+                        experts=counts, **options)
     w = layers[0].backend.weight()
     return router.to(device=w.device, dtype=w.dtype if w.is_floating_point() else None)
 

@@ -9,6 +9,7 @@ import torch
 from zoo import KIND, LAYERS, net, perturb
 
 import lorakit
+from lorakit.errors import LorakitError
 from lorakit.methods import METHODS
 
 CASES = [
@@ -54,6 +55,11 @@ def test_merge_unmerge_disable(method, layer):
     with lorakit.disable(model):
         torch.testing.assert_close(model(x), base_out, atol=0, rtol=0)
     torch.testing.assert_close(model(x), out, atol=0, rtol=0)
+    if not METHODS.get(method)[0].capabilities.mergeable:  # input-dependent updates (SMoRA's gate)
+        with pytest.raises(LorakitError, match="cannot be merged"):
+            lorakit.merge(model)
+        torch.testing.assert_close(model(x), out, atol=0, rtol=0)  # refused before anything changed
+        return
     lorakit.merge(model)
     torch.testing.assert_close(model(x), out, atol=1e-5, rtol=1e-5)
     lorakit.unmerge(model)

@@ -9,7 +9,7 @@ from zoo import tiny_llama
 import lorakit
 from lorakit.errors import AdapterFileError, LorakitError
 from lorakit.io.routers import load_router, save_router
-from lorakit.routing.weighted import GateRouter
+from lorakit.routing.routers import GateRouter
 
 NAMES = ["a", "b", "c"]
 IDS = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(0))

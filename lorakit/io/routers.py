@@ -3,7 +3,7 @@
     lorakit.io.routers.save_router(model, "out/moe", "moe")
     lorakit.io.routers.load_router(other_model, "out/moe", "moe")    # rebuilt, checked, registered
 
-The kind names a class of :data:`~lorakit.routing.weighted.ROUTER_KINDS` (``"gate"``: :class:`GateRouter`) whose
+The kind names a class of :data:`~lorakit.routing.routers.ROUTER_KINDS` (``"gate"``: :class:`GateRouter`) whose
 ``config()`` rebuilds it; the tensors must match the rebuilt router's exactly (names and shapes).
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from torch import nn
 from ..errors import AdapterFileError, LorakitError
 from ..inject import routers
 from ..mixing import add_router
-from ..routing.weighted import ROUTER_KINDS
+from ..routing.routers import ROUTER_KINDS
 from .files import read_json, read_safetensors, write_json, write_safetensors
 
 CONFIG_FILE, WEIGHTS_FILE = "router_config.json", "router.safetensors"

@@ -20,6 +20,7 @@ from . import (  # noqa: F401  (registration side effects)
     randlora,
     s2lora,
     sara,
+    smora,
     sora,
     svfit,
     tlora,

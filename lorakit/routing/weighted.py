@@ -6,7 +6,7 @@ For layer input ``x`` with tokens ``t`` and adapters ``i = 1..n``:
 
 The weights come from outside (a tensor: one weight per adapter ``(n,)``, per row ``(B, n)`` or per token
 ``(B, T, n)``, the same for every layer) or from a router, any callable ``router(layer_path, x) -> (*tokens, n)``
-asked by each layer for its own input (:class:`GateRouter`: a linear gate per layer, softmax, optional top-k). A
+asked by each layer for its own input (:mod:`.routers`: a gate per layer, softmax, top-k, noise, ...). A
 router that is an ``nn.Module`` is registered on the model (``lorakit.add_router``), so its parameters train and save
 like an adapter's shared state.
 
@@ -22,12 +22,9 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Sequence
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..errors import LorakitError, require
-from ..registry import Registry
 from .strategy import Host, Routing
 
 Router = Callable[[str, Tensor], Tensor]
@@ -101,52 +98,3 @@ def _by_token(kind: str, x: Tensor, base_out: Tensor, n: int) -> tuple[Tensor, T
 def _per_token(w: Tensor, like: Tensor) -> Tensor:
     """``w (N,)`` shaped to multiply ``like (N, ...)`` token by token."""
     return w.reshape(-1, *([1] * (like.dim() - 1))).to(like.dtype)
-
-
-ROUTER_KINDS: Registry[type[nn.Module]] = Registry("router kind")
-
-
-@ROUTER_KINDS.decorator("gate")
-class GateRouter(nn.Module):
-    """A linear gate per layer: ``w = softmax(G_l x / temperature)``, optionally kept to the ``top_k`` largest per
-    token and renormalised (MoLA / MixLoRA style); ``G_l`` is ``(n, d_in)``, zero at init (uniform weights).
-
-    Args:
-        n: number of adapters the weights range over.
-        layers: layer path -> its input width (``d_in``), for every layer the router serves.
-        top_k: keep the ``k`` largest weights per token (``None``: all, dense softmax).
-        temperature: softmax temperature.
-    """
-
-    def __init__(self, n: int, layers: dict[str, int], top_k: int | None = None, temperature: float = 1.0) -> None:
-        super().__init__()
-        require(isinstance(n, int) and n >= 1, "n", n, "must be a positive integer")
-        require(top_k is None or (isinstance(top_k, int) and 1 <= top_k <= n), "top_k", top_k,
-                f"must be None or an integer in [1, {n}]")
-        require(temperature > 0, "temperature", temperature, "must be > 0")
-        require(len(layers) > 0, "layers", layers, "must name at least one layer")
-        self.n, self.top_k, self.temperature = n, top_k, temperature
-        self.paths = {path: path.replace(".", "-") for path in layers}  # module names cannot hold dots
-        self.gates = nn.ModuleDict({self.paths[p]: nn.Linear(d, n, bias=False) for p, d in layers.items()})
-        for gate in self.gates.values():
-            nn.init.zeros_(gate.weight)
-
-    kind = "gate"
-
-    def config(self) -> dict[str, Any]:
-        """What rebuilds this router (saved beside its tensors)."""
-        return {"n": self.n, "layers": {p: self.gates[key].in_features for p, key in self.paths.items()},
-                "top_k": self.top_k, "temperature": self.temperature}
-
-    def forward(self, path: str, x: Tensor) -> Tensor:
-        if path not in self.paths:
-            raise LorakitError(f"router has no gate for layer {path!r}; it serves: {sorted(self.paths)[:5]}")
-        if not x.is_floating_point():
-            raise LorakitError(f"layer {path!r}: a gate router reads a linear layer's input vectors, not token ids")
-        gate = self.gates[self.paths[path]]
-        probs = F.softmax(gate(x.to(gate.weight.dtype)) / self.temperature, dim=-1)  # (*tokens, n)
-        if self.top_k is None or self.top_k == self.n:
-            return probs
-        top = probs.topk(self.top_k, dim=-1)
-        kept = torch.zeros_like(probs).scatter(-1, top.indices, top.values)
-        return kept / kept.sum(-1, keepdim=True)

@@ -106,7 +106,7 @@ class Trainer(AdapterSteps):
         try:
             while self.step < self.config.steps:
                 result = self._step()
-                self.log.write({"kind": "step", **vars(result)})
+                self.log.write({"kind": "step", **vars(result), **self.hooks.metrics()})
                 bar.update(1)
                 bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{result.tokens / result.seconds:.0f}")
                 if self.config.save_every and self.step % self.config.save_every == 0:
@@ -135,7 +135,9 @@ class Trainer(AdapterSteps):
                 mine = self.world.shard(batch[first:first + self.config.batch_size], self.config.batch_size)
                 inputs = self.task.collate(mine)
                 sums = self.task.loss_sums(self.model, inputs)
-                (sums.loss / total).backward()
+                extra = self.hooks.forward_loss(self.model)
+                share = sum(e.weight for e in mine) / total
+                (sums.loss / total + (0 if extra is None else extra * share)).backward()
                 loss_sum += sums.loss.item()
                 tokens += int(inputs["attention_mask"].sum())
             self.regularise(1 / self.world.size)  # gradients are summed over processes
