@@ -280,13 +280,13 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 
 def trainable_parameters(model: nn.Module, name: str | None = None) -> dict[str, nn.Parameter]:
     """Declared trainable tensors of every adapter and router (or of adapter / router ``name``), by their name in
-    ``model``."""
+    ``model``; frozen adapters (``Adapter.frozen``: experts loaded from files) train nothing."""
     if name is not None and name not in routers(model):
         _check_names(model, [name])
     out: dict[str, nn.Parameter] = {}
     for host in hosts(model):
         for adapter_name, adapter in host.adapters.items():
-            if name is None or adapter_name == name:
+            if (name is None or adapter_name == name) and not adapter.frozen:
                 for key, p in adapter.trainable().items():
                     out[f"{host.path}.adapters.{adapter_name}.{key}"] = p
     for adapter_name, shared in shared_states(model).items():

@@ -58,6 +58,9 @@ class Adapter(nn.Module):
     """
 
     capabilities = Capabilities()
+    #: A frozen adapter (a mixture's expert loaded from a file) stays in the forward but trains nothing:
+    #: ``trainable_parameters`` leaves it out and its tensors do not require grad.
+    frozen = False
 
     def __init__(self, geometry: Geometry, config: AdapterConfig, base: Backend) -> None:
         super().__init__()
