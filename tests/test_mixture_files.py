@@ -14,7 +14,7 @@ import lorakit
 from lorakit.errors import AdapterFileError
 from lorakit.hosts.host import hosts
 from lorakit.mixtures.files import load_experts, load_mixture, save_mixture
-from lorakit.mixtures.xlora import xlora_forward, xlora_head
+from lorakit.mixtures.xlora import attach_xlora, xlora_forward, xlora_head
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
@@ -52,7 +52,7 @@ def test_xlora_equals_peft_xlora_model(expert_dirs):
     head.load_peft_state(classifier.state_dict())
     with torch.no_grad():
         expected = theirs(input_ids=IDS).logits
-        got = xlora_forward(model, names, head, input_ids=IDS).logits
+        got = xlora_forward(model, head, input_ids=IDS).logits
         base_logits = tiny_llama(0)(IDS).logits
     assert (got - base_logits).abs().max() > 1e-2  # the experts act
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
@@ -65,13 +65,13 @@ def test_xlora_one_hot_scalings_give_that_expert_and_zero_scalings_the_base(expe
     with torch.no_grad():
         last.weight.zero_()
         last.bias.copy_(torch.tensor([0.0, 1.0, 0.0]))
-        one_hot = xlora_forward(model, names, head, input_ids=IDS).logits
+        one_hot = xlora_forward(model, head, input_ids=IDS).logits
         lorakit.set_active(model, "e1")
         torch.testing.assert_close(one_hot, model(IDS).logits, atol=1e-5, rtol=1e-5)
         last.bias.zero_()
         with lorakit.disable(model):
             base_logits = model(IDS).logits
-        torch.testing.assert_close(xlora_forward(model, names, head, input_ids=IDS).logits, base_logits)
+        torch.testing.assert_close(xlora_forward(model, head, input_ids=IDS).logits, base_logits)
 
 
 def test_router_only_training_leaves_experts_bit_identical(expert_dirs):
@@ -84,7 +84,7 @@ def test_router_only_training_leaves_experts_bit_identical(expert_dirs):
     before = [p.detach().clone() for p in head.parameters()]
     optimizer = torch.optim.AdamW(lorakit.trainable_parameters(model, "xlora").values(), lr=1e-2)
     for _ in range(2):
-        xlora_forward(model, names, head, input_ids=IDS, labels=IDS).loss.backward()
+        xlora_forward(model, head, input_ids=IDS, labels=IDS).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
     after = {f"{h.path}.{n}.{k}": p for h in hosts(model) for n in names if n in h.adapters
@@ -98,13 +98,13 @@ def test_xlora_mixture_saves_and_reloads_to_identical_outputs(expert_dirs, tmp_p
     head = lorakit.add_router(model, "xlora", xlora_head(model, names, layerwise=True, top_k=2))
     randomize(head.parameters(), std=1.0)
     with torch.no_grad():
-        expected = xlora_forward(model, names, head, input_ids=IDS).logits
+        expected = xlora_forward(model, head, input_ids=IDS).logits
     save_mixture(model, tmp_path / "mix", "xlora", names)
     fresh = tiny_llama(0)
     mixture = load_mixture(fresh, tmp_path / "mix")
     assert mixture.experts == tuple(names) and mixture.frozen
     with torch.no_grad():
-        got = xlora_forward(fresh, list(mixture.experts), lorakit.inject.routers(fresh)["xlora"], input_ids=IDS)
+        got = xlora_forward(fresh, lorakit.inject.routers(fresh)["xlora"], input_ids=IDS)
     torch.testing.assert_close(got.logits, expected, atol=0, rtol=0)
 
 
@@ -135,3 +135,22 @@ def test_bad_mixture_folders_are_refused(tmp_path):
     with pytest.raises(lorakit.LorakitError, match="identifier"):
         load_experts(tiny_llama(0), {"a-b": str(tmp_path)})
     assert FFN
+
+
+def test_attached_xlora_makes_every_model_call_two_pass(expert_dirs):
+    model, names = with_experts(expert_dirs)
+    head = lorakit.add_router(model, "xlora", xlora_head(model, names, layerwise=True, top_k=2))
+    randomize(head.parameters(), std=1.0)
+    with torch.no_grad():
+        expected = xlora_forward(model, head, input_ids=IDS).logits
+        detach = attach_xlora(model, head)
+        torch.testing.assert_close(model(input_ids=IDS).logits, expected, atol=0, rtol=0)
+        generated = model.generate(input_ids=IDS[:1, :3], max_new_tokens=2, do_sample=False, use_cache=False)
+        assert generated.shape == (1, 5)
+        with pytest.raises(lorakit.LorakitError, match="KV cache"):
+            model.generate(input_ids=IDS[:1, :3], max_new_tokens=2, do_sample=False, use_cache=True)
+        detach()
+        lorakit.set_active(model, [])
+        with lorakit.disable(model):
+            base_logits = model(IDS).logits
+        torch.testing.assert_close(model(input_ids=IDS).logits, base_logits)  # detached: plain model again

@@ -9,6 +9,7 @@ from typing import Any
 from ..init import INITS
 from ..methods.base import METHODS
 from ..optim import OPTIMIZERS
+from ..train.mixture import MIXTURES
 from ..train.options import DEFAULT_STEPS, Options
 from ..train.tasks import TASKS
 from ..train.trained import FULL
@@ -29,8 +30,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 def add_adapter_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("adapter")
-    group.add_argument("--method", default=_DEFAULTS.method, choices=[*METHODS.names(), FULL],
-                       help="adapter method, or 'full' to train every weight (e.g. with --optimizer galore or --lisa)")
+    group.add_argument("--method", default=_DEFAULTS.method, choices=[*METHODS.names(), FULL, *MIXTURES],
+                       help="adapter method, 'full' to train every weight (e.g. with --optimizer galore or --lisa), "
+                            "or a mixture of LoRA experts: mixlora (FFN experts, top-k router) or xlora (frozen "
+                            "--experts, trained scalings head)")
     group.add_argument("--rank", type=int, default=_DEFAULTS.rank, help="adapter rank r")
     group.add_argument("--alpha", type=float, default=_DEFAULTS.alpha, help="scale numerator (update * alpha / r)")
     group.add_argument("--targets", default=_DEFAULTS.targets,
@@ -42,7 +45,11 @@ def add_adapter_args(parser: argparse.ArgumentParser) -> None:
                        help="training batches a data-driven initialiser sees")
     group.add_argument("--method-option", dest="method_options", action=KeyValue, default={}, metavar="KEY=VALUE",
                        help="another config field of the method, repeatable; values are JSON (e.g. "
-                            "sparse_lambda=0.1 for sora, target_r=8 for adalora / increlora, r_min=2 for dylora)")
+                            "sparse_lambda=0.1 for sora, target_r=8 for adalora / increlora, r_min=2 for dylora, "
+                            "experts=8 top_k=2 for mixlora)")
+    group.add_argument("--experts", dest="experts", action=KeyValue, default={}, metavar="NAME=FOLDER",
+                       help="--method xlora: an adapter folder (PEFT or lorakit) loaded as frozen expert NAME, "
+                            "repeatable")
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:

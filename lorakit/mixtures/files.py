@@ -67,14 +67,15 @@ def freeze(model: nn.Module, names: Sequence[str]) -> None:
 
 def save_mixture(model: nn.Module, directory: str | Path, router: str, experts: Sequence[str] | None = None) -> Path:
     """Write router ``router``, its experts and ``mixture.json`` to ``directory``. ``experts``: the adapters it
-    weighs, in routing order (default: those of the model's expert blocks that use it)."""
+    weighs, in routing order (default: those of the expert blocks that use it, or the X-LoRA head's)."""
     if router not in routers(model):
         raise LorakitError(f"unknown router {router!r}; this model has: {sorted(routers(model)) or 'none'}")
     blocks = [b for b in expert_blocks(model) if b.router is routers(model)[router]]
-    if experts is None:
-        if not blocks:
-            raise LorakitError(f"router {router!r} drives no expert block; name its experts (in routing order)")
-        experts = max((b.experts for b in blocks), key=len)
+    if experts is None:  # the largest block's experts, or those the router (an X-LoRA head) names
+        experts = max((b.experts for b in blocks), key=len) if blocks else getattr(routers(model)[router],
+                                                                                   "experts", None)
+        if experts is None:
+            raise LorakitError(f"router {router!r} does not name its experts; give them (in routing order)")
     directory = Path(directory)
     for name in experts:
         save_adapter(model, directory / "experts" / name, name)

@@ -17,7 +17,7 @@ KV cache during generation; it is not the paper's variant.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -44,13 +44,14 @@ class XLoraHead(nn.Module):
         top_k: keep the ``k`` largest scalings per token and layer (``None``: all).
         softmax_topk: re-softmax the kept scalings.
         dropout: dropout between the head's layers while training.
+        experts: the expert adapters' names, in the order of the scalings (``n`` of them; default ``0 .. n-1``).
     """
 
     kind = "xlora"
 
     def __init__(self, hidden_size: int, layers: Sequence[str], n: int, layerwise: bool = False, depth: int = 1,
                  size: int = 2048, softmax: bool = True, temperature: float = 1.0, top_k: int | None = None,
-                 softmax_topk: bool = False, dropout: float = 0.0) -> None:
+                 softmax_topk: bool = False, dropout: float = 0.0, experts: Sequence[str] | None = None) -> None:
         super().__init__()
         require(isinstance(n, int) and n >= 1, "n", n, "must be a positive integer")
         require(len(layers) > 0 and len(set(layers)) == len(layers), "layers", list(layers)[:3],
@@ -63,6 +64,9 @@ class XLoraHead(nn.Module):
         self.hidden_size, self.layers, self.n, self.layerwise = hidden_size, list(layers), n, layerwise
         self.depth, self.size, self.softmax, self.temperature = depth, size, softmax, float(temperature)
         self.top_k, self.softmax_topk, self.dropout = top_k, softmax_topk, dropout
+        self.experts = [str(i) for i in range(n)] if experts is None else list(experts)
+        require(len(self.experts) == n and len(set(self.experts)) == n, "experts", self.experts,
+                f"must be {n} distinct adapter names")
         self.index = {path: i for i, path in enumerate(self.layers)}
         out = n * (len(self.layers) if layerwise else 1)
         widths = [hidden_size] + [size] * (depth - 1) + [out]
@@ -77,7 +81,8 @@ class XLoraHead(nn.Module):
         """What rebuilds this head (saved beside its tensors)."""
         return {"hidden_size": self.hidden_size, "layers": self.layers, "n": self.n, "layerwise": self.layerwise,
                 "depth": self.depth, "size": self.size, "softmax": self.softmax, "temperature": self.temperature,
-                "top_k": self.top_k, "softmax_topk": self.softmax_topk, "dropout": self.dropout}
+                "top_k": self.top_k, "softmax_topk": self.softmax_topk, "dropout": self.dropout,
+                "experts": self.experts}
 
     def load_peft_state(self, state: dict[str, Tensor]) -> None:
         """Load the tensors of PEFT's ``XLoraClassifier`` (``layers.<i>.weight`` / ``.bias``), linear layer by
@@ -131,20 +136,68 @@ def xlora_head(model: nn.Module, names: Sequence[str], **options: Any) -> XLoraH
         raise LorakitError("X-LoRA reads the model's last hidden states: the model needs `config.hidden_size` "
                            "and `output_hidden_states` (a transformers model)")
     first = next(model.parameters())
-    head = XLoraHead(hidden, layers, len(names), **options)
+    head = XLoraHead(hidden, layers, len(names), experts=names, **options)
     return head.to(device=first.device, dtype=first.dtype if first.is_floating_point() else None)
 
 
-def xlora_forward(model: nn.Module, names: Sequence[str], head: XLoraHead, dispatch: str = "sparse",
-                  **inputs: Any) -> Any:
-    """The paper's two passes: the base model's last hidden states -> ``head`` -> scalings -> the model again with
-    every adapted layer weighting experts ``names`` by them. ``inputs`` are the model's (``input_ids``, ``labels``,
-    ...); returns the second pass's output, with the scalings as ``output.xlora_scalings``."""
-    require(len(names) == head.n, "names", list(names), f"must name the head's {head.n} experts")
+_CACHES = ("past_key_values", "cache")  # the KV cache's keyword (transformers 4 / 5)
+
+
+def xlora_scalings(model: nn.Module, head: XLoraHead, inputs: dict[str, Any]) -> Tensor:
+    """Pass 1: the base model's last hidden states on ``inputs`` (no gradient, no KV cache) through ``head``."""
+    if any(inputs.get(key) is not None for key in _CACHES):
+        raise LorakitError("two-pass X-LoRA recomputes the base model's hidden states of the whole sequence, so it "
+                           "cannot continue from a KV cache: generate with use_cache=False, or route in one pass "
+                           "with lorakit.gate_router")
+    first_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "use_cache", *_CACHES)}
     with torch.no_grad(), disable(model):
-        first = model(**{k: v for k, v in inputs.items() if k != "labels"}, output_hidden_states=True)
-    scalings = head(first.hidden_states[-1])
-    with mix(model, names, lambda path, x: head.of_layer(scalings, path), dispatch=dispatch):
+        first = model(**first_inputs, output_hidden_states=True, use_cache=False)
+    return head(first.hidden_states[-1])
+
+
+def _router(head: XLoraHead, scalings: Tensor) -> Callable[[str, Tensor], Tensor]:
+    return lambda path, x: head.of_layer(scalings, path)
+
+
+def xlora_forward(model: nn.Module, head: XLoraHead, dispatch: str = "sparse", **inputs: Any) -> Any:
+    """The paper's two passes: the base model's last hidden states -> ``head`` -> scalings -> the model again with
+    every adapted layer weighting the head's experts by them. ``inputs`` are the model's (``input_ids``, ``labels``,
+    ...); returns the second pass's output, with the scalings as ``output.xlora_scalings``."""
+    scalings = xlora_scalings(model, head, inputs)
+    with mix(model, head.experts, _router(head, scalings), dispatch=dispatch):
         out = model(**inputs)
     out["xlora_scalings"] = scalings
     return out
+
+
+def attach_xlora(model: nn.Module, head: XLoraHead, dispatch: str = "sparse") -> Callable[[], None]:
+    """Make every call of ``model`` an X-LoRA forward (both passes), so evaluation loops, trainers and
+    ``generate(use_cache=False)`` use the mixture unchanged; returns a function that detaches it."""
+    state: dict[str, Any] = {"busy": False, "mix": None}
+
+    def before(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if state["busy"]:
+            return  # the first pass's own call
+        if args:
+            raise LorakitError("an X-LoRA model takes keyword inputs (input_ids=..., attention_mask=...)")
+        state["busy"] = True
+        try:
+            scalings = xlora_scalings(module, head, kwargs)
+        finally:
+            state["busy"] = False
+        state["mix"] = mix(model, head.experts, _router(head, scalings), dispatch=dispatch)
+        state["mix"].__enter__()
+
+    def after(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        if state["mix"] is not None and not state["busy"]:
+            state["mix"], entered = None, state["mix"]
+            entered.__exit__(None, None, None)
+
+    handles = [model.register_forward_pre_hook(before, with_kwargs=True),
+               model.register_forward_hook(after, with_kwargs=True, always_call=True)]
+
+    def detach() -> None:
+        for handle in handles:
+            handle.remove()
+
+    return detach

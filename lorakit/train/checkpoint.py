@@ -21,10 +21,11 @@ import torch
 from torch import nn
 
 from ..hooks import TrainingHook
-from ..io.adapter_files import WEIGHTS_FILE, adapter_tensors, reproducible_from_file, save_adapter
+from ..io.adapter_files import WEIGHTS_FILE, reproducible_from_file, save_adapter
 from ..io.files import read_json, read_safetensors, write_json, write_safetensors
 from .errors import TrainingError
-from .trained import MODEL_FILE, full_state, is_full, weights_file
+from .mixture import is_mixture
+from .trained import MODEL_FILE, full_state, is_full, trained_state, weights_file
 
 RUN_FILE, METRICS_FILE, TRAINER_FILE, STATE_FILE = "run.json", "metrics.jsonl", "trainer.pt", "state.json"
 KEEP = 2
@@ -89,10 +90,10 @@ def save_checkpoint(output: Path, model: nn.Module, optimizer: torch.optim.Optim
     try:
         if is_full(model):
             write_safetensors(tmp / MODEL_FILE, full_state(model), {"format": "pt"})
-        elif reproducible_from_file(model):
+        elif not is_mixture(model) and reproducible_from_file(model):
             save_adapter(model, tmp)
-        else:  # resumable only: the run re-initialises the base from data before loading these
-            write_safetensors(tmp / WEIGHTS_FILE, adapter_tensors(model, "default"), {"format": "pt"})
+        else:  # resumable only (a mixture; a base re-initialised from data by the run before loading these)
+            write_safetensors(tmp / WEIGHTS_FILE, trained_state(model), {"format": "pt"})
         rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng,
                     "hooks": hooks_state or {}}, tmp / TRAINER_FILE)
@@ -117,7 +118,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     if hooks is not None:
         hooks.load_state_dict(trainer.get("hooks", {}), model)
     saved, _ = read_safetensors(path / weights_file(model))
-    current = full_state(model) if is_full(model) else adapter_tensors(model, "default")
+    current = trained_state(model)
     if set(saved) != set(current):
         raise TrainingError(f"{path} does not fit this model's adapter (keys differ)")
     misfits = sorted(k for k, t in current.items() if t.shape != saved[k].shape)

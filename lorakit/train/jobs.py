@@ -33,6 +33,7 @@ from ..quant.model import quantize
 from .checkpoint import METRICS_FILE, MetricsLog, prepare_output, start_run
 from .errors import DataError, TrainingError
 from .evaluate import evaluate
+from .mixture import MIXTURES
 from .model import load_model
 from .multijob import Job, JobCallback, MultiJobTrainer, add_job_adapter
 from .plot import plot_loss
@@ -74,6 +75,8 @@ def _adapter_config(where: str, opts: Options) -> AdapterConfig:
     if opts.quant is not None and not quantize_first(opts):
         raise DataError(f"{where}: init {opts.init!r} must see the full-precision base before it is quantised, so "
                         f"it cannot share a quantised base with other jobs; run this job on its own")
+    if opts.method in MIXTURES:
+        raise DataError(f"{where}: a mixture ({opts.method}) trains on its own; run it without --jobs")
     try:
         train_config(opts, 1)
         return adapter_config(opts)

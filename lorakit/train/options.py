@@ -19,6 +19,7 @@ from ..methods.base import METHODS
 from ..optim import OPTIMIZERS
 from ..quant.model import DEFAULT_BACKEND
 from .errors import DataError
+from .mixture import MIXTURES, check_mixture_options
 from .tasks import TASKS
 from .trained import FULL
 
@@ -43,6 +44,7 @@ class Options:
     init: str | None = None  # the method's initialiser (default: the method's own)
     init_batches: int = 8  # training batches a data-driven initialiser sees
     method_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # other config fields of the method
+    experts: dict[str, Any] = dataclasses.field(default_factory=dict)  # --method xlora: name -> adapter folder
     steps: int | None = None
     epochs: float | None = None
     lr: float = 1e-3
@@ -85,7 +87,7 @@ class Options:
             raise DataError(f"--save-every must be >= 0, got {self.save_every}")
         if self.task is not None and self.task not in TASKS:
             raise DataError(f"--task {self.task!r} is unknown; tasks: {', '.join(TASKS)}")
-        for name, known in (("method", [*METHODS.names(), FULL]), ("optimizer", OPTIMIZERS.names()),
+        for name, known in (("method", [*METHODS.names(), FULL, *MIXTURES]), ("optimizer", OPTIMIZERS.names()),
                             ("quant_backend", CODECS.names()), ("init", [*INITS.names(), None])):
             if getattr(self, name) not in known:
                 raise DataError(f"{_flag(name)} {getattr(self, name)!r} is unknown; choose one of: "
@@ -96,6 +98,11 @@ class Options:
             if given:
                 raise DataError(f"--method full trains every weight of the model, so {', '.join(given)} cannot "
                                 f"apply (they configure an adapter or a frozen quantised base)")
+
+        if self.method in MIXTURES:
+            check_mixture_options(self.method, self.method_options, self.experts)
+        elif self.experts:
+            raise DataError("--experts names the frozen experts of --method xlora")
 
     @property
     def task_name(self) -> str:

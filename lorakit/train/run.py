@@ -31,11 +31,12 @@ from .ddp import World, close_world, init_world
 from .errors import DataError
 from .evaluate import describe, evaluate, majority_rate
 from .loop import Callback, TrainConfig, Trainer
+from .mixture import MIXTURES, build_mixture, load_run_mixture, mixture_hooks
 from .model import load_model
 from .options import DEFAULT_STEPS, Options
 from .plot import plot_loss
 from .tasks import CausalLMTask, ClassificationTask, Example, SFTTask, Task
-from .trained import FULL, save_result
+from .trained import FULL, save_result, trained_parameters
 from .warm_start import initialize_from_task, needs_data
 
 
@@ -172,11 +173,11 @@ def _finetune(opts: Options, world: World, started: float, callbacks: Sequence[C
     output = Path(opts.output) if opts.output else default_output()
     settings = {**dataclasses.asdict(opts), "output": str(output), "world_size": world.size}
     checkpoint = prepare_output(output, settings, resume=opts.resume, overwrite=opts.overwrite)
-    full = opts.method == FULL
+    full, mixture = opts.method == FULL, opts.method in MIXTURES
     torch.manual_seed(opts.seed)
     prepared = prepare(opts)
     config = train_config(opts, len(prepared.train))
-    adapter = None if full else adapter_config(opts)
+    adapter = None if full or mixture else adapter_config(opts)
     if adapter is not None:  # a bad --targets stops here, before evaluating or writing anything
         find_targets(prepared.model, adapter)
     # measured before adapting: initialisers such as PiSSA or LoRA-GA rewrite the base weights
@@ -184,7 +185,11 @@ def _finetune(opts: Options, world: World, started: float, callbacks: Sequence[C
     if before is None:
         before = evaluate(prepared.model, prepared.task, prepared.held_out, opts.eval_batch_size, world,
                           "eval before")
-    if adapter is None:
+    if mixture:
+        build_mixture(prepared.model, opts.method, opts.method_options, opts.experts, opts.rank, opts.alpha,
+                      parse_targets(opts.targets))
+        world.broadcast(list(trained_parameters(prepared.model).values()))
+    elif adapter is None:
         prepared.model.requires_grad_(True)  # every weight trains; all processes loaded the same ones
     else:
         _adapt(prepared, adapter, opts, world)
@@ -192,7 +197,8 @@ def _finetune(opts: Options, world: World, started: float, callbacks: Sequence[C
     if world.main:
         start_run(output, settings, fresh=checkpoint is None)
     world.barrier()
-    method_hooks = [] if adapter is None else training_hooks(adapter, "default", config.steps)
+    method_hooks = mixture_hooks() if mixture else [] if adapter is None else training_hooks(adapter, "default",
+                                                                                               config.steps)
     trainer = Trainer(prepared.model, prepared.task, prepared.train, config, output, world, callbacks,
                       [*method_hooks, *option_hooks(opts), *hooks])
     if checkpoint is not None:
@@ -239,7 +245,8 @@ def evaluate_adapter(opts: Options, adapter: str | None) -> dict[str, Any]:
     before = evaluate(prepared.model, prepared.task, prepared.held_out, opts.eval_batch_size, desc="eval base")
     result: dict[str, Any] = {"before": before}
     if adapter is not None:
-        load_adapter(prepared.model, adapter, dtype=torch.float32)
+        if not load_run_mixture(prepared.model, adapter):
+            load_adapter(prepared.model, adapter, dtype=torch.float32)
         result["after"] = evaluate(prepared.model, prepared.task, prepared.held_out, opts.eval_batch_size,
                                    desc="eval adapter")
         print("\n".join(report_lines(before, result["after"], prepared)))

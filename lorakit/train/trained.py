@@ -11,8 +11,9 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..inject import configs, trainable_parameters
-from ..io.adapter_files import WEIGHTS_FILE
+from ..io.adapter_files import WEIGHTS_FILE, adapter_tensors
 from .errors import TrainingError
+from .mixture import is_mixture, mixture_parameters, save_run_mixture
 from .warm_start import save_trained
 
 FULL = "full"  # the --method value that trains the whole model instead of an adapter
@@ -21,15 +22,22 @@ ADAPTER = "default"
 
 
 def is_full(model: nn.Module) -> bool:
-    """Whether ``model`` is fully fine-tuned (it holds no adapter named ``default``)."""
-    return ADAPTER not in configs(model)
+    """Whether ``model`` is fully fine-tuned (it holds no adapter and no mixture named ``default``)."""
+    return ADAPTER not in configs(model) and not is_mixture(model)
 
 
 def trained_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """The tensors the optimizer updates, by name."""
     if is_full(model):
         return {name: p for name, p in model.named_parameters() if p.requires_grad}
-    return trainable_parameters(model, ADAPTER)
+    return mixture_parameters(model) if is_mixture(model) else trainable_parameters(model, ADAPTER)
+
+
+def trained_state(model: nn.Module) -> dict[str, Tensor]:
+    """What a checkpoint holds: every weight (full fine-tuning), the mixture's trained tensors, or the adapter's."""
+    if is_full(model):
+        return full_state(model)
+    return dict(mixture_parameters(model)) if is_mixture(model) else adapter_tensors(model, ADAPTER)
 
 
 def weights_file(model: nn.Module) -> str:
@@ -45,6 +53,8 @@ def full_state(model: nn.Module) -> dict[str, Tensor]:
 def save_result(model: nn.Module, output: Path, tokenizer: Any = None) -> str:
     """Save what was trained to ``output``: the adapter in PEFT's format, or the whole model (with ``tokenizer``) in
     transformers' format, usable as ``--model output``; returns what was saved (for the report)."""
+    if is_mixture(model):
+        return save_run_mixture(model, output)
     if not is_full(model):
         return save_trained(model, output, ADAPTER)
     if not hasattr(model, "save_pretrained"):
