@@ -213,7 +213,7 @@ def _rebuild(model: nn.Module, adapter: str, ranks: dict[str, int], infos: dict[
     keys = {p: re.escape(p) for p in ranks}
     root = (lambda r: r**0.5) if getattr(config, "use_rslora", False) else (lambda r: r)
     new = config.replace(
-        targets="(?:" + "|".join(keys.values()) + ")", exclude=(),
+        targets=tuple(keys), exclude=(),
         rank_pattern={keys[p]: r for p, r in ranks.items()},
         alpha_pattern={keys[p]: infos[p].scale * root(r) for p, r in ranks.items()},
     )

@@ -156,3 +156,29 @@ def test_hostile_rank_pattern_keys_in_a_file_are_refused(saved, key):
     save_file(load_file(saved / WEIGHTS_FILE), saved / WEIGHTS_FILE)  # as PEFT writes it: the config is the JSON
     with pytest.raises((lorakit.AdapterFileError, lorakit.ConfigError), match="rank_pattern"):
         lorakit.load_adapter(tiny_llama(), saved)
+
+
+def test_adapters_of_deep_models_save_load_and_export(tmp_path):
+    """Internal targets name every adapted layer: 40 layers x 7 projections is far beyond the 1000-character limit
+    on user regexes, and must still load (a PEFT file listing the paths, or leaf names) and export."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def deep() -> LlamaForCausalLM:
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=40,
+                                            num_attention_heads=2, num_key_value_heads=2)).eval()
+
+    model = deep()
+    lorakit.adapt(model, lorakit.LoraConfig(r=2, targets="all-linear", exclude=("model.layers.0.mlp.up_proj",)))
+    perturb(model)
+    ids = torch.randint(0, 32, (1, 5))
+    expected = model(ids).logits
+    lorakit.save_adapter(model, tmp_path / "a")
+    assert isinstance(json.loads((tmp_path / "a" / CONFIG_FILE).read_text())["target_modules"], list)
+    fresh = deep()
+    lorakit.load_adapter(fresh, tmp_path / "a")
+    torch.testing.assert_close(fresh(ids).logits, expected)
+    lorakit.export_lora(fresh, tmp_path / "b")
+    again = deep()
+    lorakit.load_adapter(again, tmp_path / "b")
+    torch.testing.assert_close(again(ids).logits, expected, atol=1e-5, rtol=1e-5)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -65,13 +64,13 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
 
 
 def _target_modules(model: nn.Module, paths: list[str]) -> list[str] | str:
-    """PEFT ``target_modules`` selecting exactly ``paths``: leaf names when they are unambiguous, else a regex."""
+    """PEFT ``target_modules`` selecting exactly ``paths``: leaf names when they are unambiguous, else the paths."""
     leaves = {p.rsplit(".", 1)[-1] for p in paths}
     chosen = set(paths)
     same_leaf = {p for p, _ in candidate_modules(model) if p and p.rsplit(".", 1)[-1] in leaves}
     if same_leaf == chosen:
         return sorted(leaves)
-    return "(?:" + "|".join(re.escape(p) for p in sorted(paths)) + ")"
+    return sorted(paths)  # full paths: PEFT's and lorakit's list rule match each exactly (no regex length limit)
 
 
 def reproducible_from_file(model: nn.Module, name: str = "default") -> bool:
@@ -170,8 +169,7 @@ def attach_adapter(model: nn.Module, config: AdapterConfig, tensors: dict[str, t
     ``source`` names the directory in error messages. On any error the model is left without ``name``."""
     source = Path(source)
     paths = _module_paths(tensors, source, model)
-    exact = "(?:" + "|".join(re.escape(p) for p in paths) + ")"
-    adapt(model, config.replace(targets=exact, exclude=()), name, activate=activate, dtype=dtype)
+    adapt(model, config.replace(targets=tuple(paths), exclude=()), name, activate=activate, dtype=dtype)
     try:
         _fill(model, name, tensors, source / WEIGHTS_FILE)
     except BaseException:

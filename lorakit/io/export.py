@@ -50,7 +50,7 @@ def export_lora(model: nn.Module, directory: str | Path, name: str = "default") 
         r=2 * config.r, alpha=config.alpha * scale_up, init="kaiming", init_options={},
         rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
         alpha_pattern={k: v * scale_up for k, v in config.alpha_pattern.items()},
-        targets="(?:" + "|".join(re.escape(h.path) for h in layers) + ")", exclude=(),
+        targets=tuple(h.path for h in layers), exclude=(),
     )
     return _save_as(model, directory, doubled, layers, lambda host, tmp: _fill(host.adapters[tmp], host.adapters[name]))
 
@@ -81,7 +81,7 @@ def _export_factors(model: nn.Module, directory: str | Path, name: str, layers: 
     keys = {h.path: re.escape(h.path) for h in layers}
     ranks = {h.path: factors[h.path][1].shape[0] for h in layers}
     top = max(ranks.values())
-    config = LoraConfig(r=top, alpha=float(top), targets="(?:" + "|".join(keys.values()) + ")",
+    config = LoraConfig(r=top, alpha=float(top), targets=tuple(keys),
                         rank_pattern={keys[p]: r for p, r in ranks.items()},
                         alpha_pattern={keys[p]: float(r) for p, r in ranks.items()})
 
