@@ -5,7 +5,10 @@
     ...train...
     lorakit.save_adapter(model, "out/")
 """
-from . import rank  # noqa: F401  (registers the rank-allocation methods' training rules)
+from . import (
+    mixtures,  # noqa: F401  (registers the mixtures' router kinds)
+    rank,  # noqa: F401  (registers the rank-allocation methods' training rules)
+)
 from .config import AdapterConfig
 from .data_init import initialize
 from .errors import AdapterFileError, ConfigError, LorakitError, TargetError

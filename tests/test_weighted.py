@@ -131,3 +131,24 @@ def test_deleting_the_last_router_removes_its_parameters_and_container():
     assert "lorakit_routers" not in dict(model.named_children())
     with pytest.raises(LorakitError, match="unknown router 'moe'"):
         lorakit.delete_router(model, "moe")
+
+
+def test_dense_weights_take_the_concatenated_product_equal_to_the_reference():
+    model = experts()
+    weights = torch.softmax(torch.randn(2, 7, 3, generator=torch.Generator().manual_seed(2)), -1)
+    calls = []
+    for name in NAMES:
+        model.model.layers[0].self_attn.q_proj.adapters[name].register_forward_hook(lambda *a: calls.append(1))
+    params = lorakit.trainable_parameters(model)
+    grads = {}
+    for dispatch in ("sparse", "dense"):
+        for p in params.values():
+            p.grad = None
+        with lorakit.mix(model, NAMES, weights, dispatch=dispatch):
+            out = model(IDS).logits
+        out.square().mean().backward()
+        grads[dispatch] = (out.detach(), {k: p.grad.clone() for k, p in params.items()})
+    assert len(calls) == 3  # only the dense reference called the adapters one by one
+    torch.testing.assert_close(grads["sparse"][0], grads["dense"][0], atol=1e-5, rtol=1e-5)
+    for key, grad in grads["dense"][1].items():
+        torch.testing.assert_close(grads["sparse"][1][key], grad, atol=1e-5, rtol=1e-4)

@@ -12,7 +12,9 @@ like an adapter's shared state.
 
 Dispatch (``dispatch=``): ``"sparse"`` (default) runs adapter ``i`` only on the tokens whose weight for it is not
 zero (gathered rows, one adapter call, added back with ``index_add``): with a top-k router each adapter sees only its
-tokens, and a zero weight is no route (its gradient is zero, as in top-k mixtures). ``"dense"`` runs every adapter
+tokens, and a zero weight is no route (its gradient is zero, as in top-k mixtures). When most weights are non-zero
+(a dense softmax, X-LoRA) and every adapter is exactly ``B_i A_i`` on a linear layer, it is two products over the
+concatenated factors instead, ``[B_1 .. B_n] (w (.) [A_1; ..; A_n] x)``, whatever ``n``. ``"dense"`` runs every adapter
 on every token and multiplies: the reference, whose gradient reaches every weight. Tokens are the positions of the
 layer's input but the last axis (linear), every id (embedding), or whole rows (conv: per-row weights only, a
 convolution mixes positions).
@@ -22,9 +24,11 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Sequence
 
+import torch
 from torch import Tensor
 
 from ..errors import LorakitError, require
+from .stacked import stackable
 from .strategy import Host, Routing
 
 Router = Callable[[str, Tensor], Tensor]
@@ -69,6 +73,9 @@ class WeightedRouting(Routing):
             return base_out
         weights = self.weights_for(host, x)
         flat_x, flat_base = _by_token(host.geometry.kind, x, base_out, math.prod(weights.shape[:-1]))
+        if self.dispatch == "sparse" and _concatenable(host, [n for _, n in present], weights):
+            columns = weights[..., [i for i, _ in present]].reshape(flat_x.shape[0], len(present))
+            return _concatenated(host, [n for _, n in present], columns, flat_x, flat_base).reshape(base_out.shape)
         out = flat_base
         for i, name in present:
             w = weights[..., i].reshape(-1)  # (N,) one weight per token
@@ -82,6 +89,24 @@ class WeightedRouting(Routing):
             delta = adapter(flat_x.index_select(0, rows), flat_base.index_select(0, rows), host.backend)
             out = out.index_add(0, rows, _per_token(w.index_select(0, rows), delta) * delta)
         return out.reshape(base_out.shape)
+
+
+def _concatenable(host: Host, names: list[str], weights: Tensor) -> bool:
+    """Whether the concatenated product pays: linear layer, every adapter exactly ``B_eff A_eff``, and more than half
+    of the weights non-zero (a dense router; a top-k one gathers each adapter's tokens instead)."""
+    return (len(names) > 1 and all(stackable(host.adapters[n], host.geometry.kind) for n in names)
+            and 2 * int((weights != 0).sum()) > weights.numel())
+
+
+def _concatenated(host: Host, names: list[str], weights: Tensor, x: Tensor, base_out: Tensor) -> Tensor:
+    """``base + sum_i w_i B_i A_i x`` as two products over the concatenated factors: ``[B_1 .. B_n] (w (.) [A_1; ..;
+    A_n] x)``, each weight repeated over its adapter's ranks."""
+    factors = [host.adapters[n].factors() for n in names]  # (B_eff (d_out, r_i), A_eff (r_i, d_in))
+    a, b = torch.cat([f[1] for f in factors]), torch.cat([f[0] for f in factors], dim=1)
+    ranks = torch.tensor([f[1].shape[0] for f in factors], device=weights.device)
+    weights = weights * (weights != 0)  # a zero weight is no route: no gradient, as on the gathered path
+    h = (x.to(a.dtype) @ a.t()) * weights.repeat_interleave(ranks, dim=1).to(a.dtype)  # (N, sum r_i)
+    return base_out + (h @ b.t()).to(base_out.dtype)
 
 
 def _token_shape(kind: str, x: Tensor) -> tuple[int, ...]:
