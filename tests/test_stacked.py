@@ -118,13 +118,15 @@ def test_plan_sends_long_or_skewed_groups_alone_and_the_rest_to_the_grid(monkeyp
 
     def plan(names: list[str | None], tokens: int = 1) -> tuple[list[int], list[int], int, list[list[int]]]:
         p = stacked.plan_rows(names, slots, tokens, torch.device("cpu"))
-        return p.slots, p.rows.tolist(), p.most, [[s, *rows.tolist()] for s, rows, _ in p.alone]
+        return p.slots, p.rows.tolist(), p.most, [[s, *rows.tolist()] for s, rows, _, _ in p.alone]
 
     assert plan(["a", "b"], tokens=4) == ([0, 1], [0, 1], 1, [])  # 4 tokens per adapter: the grid
     assert plan(["a", "b"], tokens=5) == ([], [], 0, [[0, 0], [1, 1]])  # 5: each alone
     assert plan(["b", "a", "a", "c"]) == ([0, 1, 5], [1, 2, 0, 3], 2, [])  # 3 x 2 cells for 4 rows
     skewed = plan(["a", "a", "a", "a", "a", "b", "c"])  # a's 5 rows would pad b and c to 15 cells for 7 rows
     assert skewed == ([1, 5], [5, 6], 1, [[0, 0, 1, 2, 3, 4]])
+    spans = stacked.plan_rows(["a", "a", "b", "b", "a"], slots, 5, torch.device("cpu")).alone
+    assert [span for *_, span in spans] == [None, (2, 2)]  # a's rows are not consecutive, b's are: sliced
     assert plan([None, "d"]) == ([], [], 0, [])  # no row on a slot adapter
     sparse = stacked.plan_rows(["c", "a"], slots, 1, torch.device("cpu"))
     table = torch.arange(6.0)
@@ -226,3 +228,19 @@ def test_only_deterministic_factorable_adapters_take_the_grouped_product():
     assert stacked.stackable(adapters["plain"], "linear") and not stacked.stackable(adapters["dora"], "linear")
     model.eval()
     assert not adapters["drop"].stochastic and stacked.stackable(adapters["drop"], "linear")
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_consecutive_groups_are_sliced_and_equal_the_gathered_product(monkeypatch, grad):
+    monkeypatch.setitem(stacked.GRID_RULES, "cpu", stacked.GridRule(0, 2.0))  # every group alone
+    g = torch.Generator().manual_seed(0)
+    x, base = torch.randn(7, 1, 6, generator=g), torch.randn(7, 1, 5, generator=g)
+    a_t, b_t = torch.randn(3, 6, 2, generator=g), torch.randn(3, 2, 5, generator=g)
+    names = ["a", "a", "a", "b", "b", "c", "c"]
+    plan = stacked.plan_rows(names, {"a": 0, "b": 1, "c": 2}, 1, torch.device("cpu"))
+    assert all(span is not None for *_, span in plan.alone)
+    slot = torch.tensor([0, 0, 0, 1, 1, 2, 2])
+    expected = base + torch.einsum("ntd,ndr,nre->nte", x, a_t[slot], b_t[slot])
+    with torch.set_grad_enabled(grad):
+        got = stacked.grouped_product(x, base.clone(), a_t, b_t, plan)
+    torch.testing.assert_close(got, expected)

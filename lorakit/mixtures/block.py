@@ -12,9 +12,10 @@ lorakit adapters named ``<name>_0 .. <name>_{E-1}`` on the block's linear layers
 router a :class:`~lorakit.routing.routers.GateRouter` registered on the model as ``lorakit_routers.<name>``.
 
 Dispatch: ``"sparse"`` (default) runs the FFN once per routed (token, expert) pair -- ``k`` rows per token, whatever
-the number of experts -- in one batched call where each row carries its expert's name (the per-row routing of
-:class:`~lorakit.routing.rows.RowRouting`: one grouped product per layer for LoRA-family experts); ``"dense"`` runs
-every expert's FFN on every token (the reference, ``E`` rows per token).
+the number of experts -- in one batched call whose rows are grouped by expert and carry its name (the per-row
+routing of :class:`~lorakit.routing.rows.RowRouting`: one grouped product per layer for LoRA-family experts, no
+scatter), then each token sums its ``k`` rows; ``"dense"`` runs every expert's FFN on every token (the reference,
+``E`` rows per token).
 """
 from __future__ import annotations
 
@@ -55,10 +56,13 @@ class ExpertBlock(nn.Module):
                 y = self._run(flat, [name] * flat.shape[0], *args, **kwargs)
                 out = weights[:, i:i + 1].to(y.dtype) * y if out is None else out + weights[:, i:i + 1] * y
             return out.reshape(*x.shape[:-1], out.shape[-1])
-        token, expert = weights.nonzero(as_tuple=True)  # the routed (token, expert) pairs, k per token
-        y = self._run(flat.index_select(0, token), [self.experts[e] for e in expert.tolist()], *args, **kwargs)
-        y = y * weights[token, expert].unsqueeze(1).to(y.dtype)
-        out = y.new_zeros(flat.shape[0], y.shape[-1]).index_add(0, token, y)
+        k = self.router.top_k or len(self.experts)
+        kept, expert = weights.topk(k, dim=-1)  # (N, k): each token's routed experts and weights
+        order = expert.reshape(-1).argsort(stable=True)  # the (token, expert) pairs grouped by expert
+        names = [self.experts[e] for e in expert.reshape(-1).index_select(0, order).tolist()]
+        y = self._run(flat.index_select(0, order // k), names, *args, **kwargs)  # (N k, d_out), by expert
+        y = y.index_select(0, order.argsort()).view(flat.shape[0], k, -1)  # back to (token, expert) order
+        out = (y * kept.unsqueeze(-1).to(y.dtype)).sum(1)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     def _run(self, rows: Tensor, names: list[str], *args: Any, **kwargs: Any) -> Tensor:

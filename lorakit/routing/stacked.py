@@ -120,9 +120,14 @@ def plan_rows(names: list[str | None], slot_of: dict[str, int], tokens: int, dev
         cells=None if dense else torch.tensor(cells, dtype=torch.long, device=device),
         most=most,
         in_order=order == list(range(len(names))),
-        alone=[(s, torch.tensor(by_slot[s], dtype=torch.long, device=device), len(by_slot[s]) == len(names))
-               for s in sorted(alone)],
+        alone=[(s, torch.tensor(by_slot[s], dtype=torch.long, device=device), len(by_slot[s]) == len(names),
+                _span(by_slot[s])) for s in sorted(alone)],
     )
+
+
+def _span(rows: list[int]) -> tuple[int, int] | None:
+    """``(start, length)`` when ``rows`` are consecutive (a batch grouped by adapter), else ``None``."""
+    return (rows[0], len(rows)) if rows[-1] - rows[0] + 1 == len(rows) else None
 
 
 @dataclass(frozen=True)
@@ -132,7 +137,8 @@ class SlotPlan:
     ``slots``: the slots of the grid, ascending (``slot_index``: the same as a tensor); ``rows``: the grid's rows in
     slot order; ``cells``: each one's index in the padded ``len(slots) * most`` grid, or ``None`` when there is no
     padding; ``most``: the most rows any grid slot has; ``in_order``: ``rows`` is the whole batch in its own order (no
-    gather or scatter needed); ``alone``: ``(slot, rows, whole_batch)`` of the slots run one product pair each.
+    gather or scatter needed); ``alone``: ``(slot, rows, whole_batch, span)`` of the slots run one product pair each,
+    ``span`` = ``(start, length)`` when their rows are consecutive (sliced, not gathered and scattered).
     """
 
     slots: list[int]
@@ -141,7 +147,7 @@ class SlotPlan:
     cells: Tensor | None
     most: int
     in_order: bool
-    alone: list[tuple[int, Tensor, bool]]
+    alone: list[tuple[int, Tensor, bool, tuple[int, int] | None]]
 
     def select(self, stacked: Tensor) -> Tensor:
         """The grid slots' entries of ``stacked`` (one per slot): a slice when they are contiguous, else a gather."""
@@ -209,16 +215,24 @@ def grouped_product(x: Tensor, base_out: Tensor, a_t: Tensor, b_t: Tensor, plan:
     every slot's factors; slots outside ``present`` (zero in this layer) are skipped where they run alone."""
     out = _grid(x, base_out, a_t, b_t, plan) if plan.slots else base_out
     inplace = not torch.is_grad_enabled()
-    for slot, idx, whole in plan.alone:
+    sliced = any(span is not None and not whole for _, _, whole, span in plan.alone)
+    if sliced and not inplace and out is base_out:
+        out = base_out.clone()  # slices of our own copy are added in place (autograd records them)
+    for slot, idx, whole, span in plan.alone:
         if present is not None and slot not in present:
             continue
-        xs = x if whole else x.index_select(0, idx)
+        xs = x if whole else x.narrow(0, *span) if span else x.index_select(0, idx)
         h = xs.to(a_t.dtype) @ a_t[slot]
         if inplace and whole and out.dtype == h.dtype:
             out.view(-1, out.shape[-1]).addmm_(h.view(-1, h.shape[-1]), b_t[slot])
             continue
         delta = (h @ b_t[slot]).to(out.dtype)
-        out = (out.add_(delta) if inplace else out + delta) if whole else _add_rows(out, idx, delta, inplace)
+        if whole:
+            out = out.add_(delta) if inplace else out + delta
+        elif span is not None and (inplace or sliced):
+            out.narrow(0, *span).add_(delta)
+        else:
+            out = _add_rows(out, idx, delta, inplace)
     return out
 
 
@@ -241,8 +255,8 @@ def _grid(x: Tensor, base_out: Tensor, a_t: Tensor, b_t: Tensor, plan: SlotPlan)
     delta = torch.bmm(h, b_sel).view(n_cells, tokens, -1).to(out.dtype)  # (G most, T, d_out)
     if plan.cells is not None:
         delta = delta.index_select(0, plan.cells)
-    if plan.in_order and plan.cells is None and not inplace:
-        return (out + delta).reshape(base_out.shape)
+    if plan.in_order:  # the rows are the batch in order: a plain add, no scatter
+        return (out.add_(delta) if inplace else out + delta).reshape(base_out.shape)
     return _add_rows(out, plan.rows, delta, inplace).reshape(base_out.shape)
 
 
