@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Sequence, TypeVar
+from typing import Iterator, Mapping, Sequence, TypeVar
 
 import torch
 from torch import nn
@@ -20,6 +20,7 @@ from .hosts.host import HostLayer, hosts
 from .methods.base import METHODS, Adapter, SharedState
 from .routing.rows import RowRouting
 from .routing.strategy import Routing
+from .routing.weighted import WeightedRouting
 from .targeting import find_targets
 
 R = TypeVar("R", bound=Routing)
@@ -210,13 +211,15 @@ def enable(model: nn.Module) -> _Switch:
 
 
 @contextlib.contextmanager
-def route(model: nn.Module, names: Sequence[str | None]) -> Iterator[RowRouting]:
-    """Within the block, row ``i`` of every batch uses adapter ``names[i]`` (``None``: the base model).
+def route(model: nn.Module, names: Sequence[str | None],
+          mixtures: Mapping[str, WeightedRouting] | None = None) -> Iterator[RowRouting]:
+    """Within the block, row ``i`` of every batch uses adapter ``names[i]`` (``None``: the base model; a name of
+    ``mixtures``: that weighted mixture of experts).
 
     Works in training too: each adapter receives gradients from its own rows only.
     """
-    _check_routable(model, [n for n in names if n is not None])
-    with using(model, RowRouting(names)) as routing:
+    _check_routable(model, [n for n in names if n is not None and n not in (mixtures or {})])
+    with using(model, RowRouting(names, mixtures)) as routing:
         yield routing
 
 

@@ -8,7 +8,7 @@ differentiable: gradients reach each adapter from exactly its own rows.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Hashable, Sequence
+from typing import Any, Callable, Hashable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -16,13 +16,16 @@ from torch import Tensor
 from ..errors import LorakitError
 from .stacked import apply_grouped, stackable
 from .strategy import Host, Routing, sum_of
+from .weighted import WeightedRouting
 
 
 class RowRouting(Routing):
-    """Adapter name (or ``None`` for the base model) per row of the batch."""
+    """Adapter name (or ``None`` for the base model) per row of the batch; a name of ``mixtures`` routes its rows
+    through that mixture (a weighted routing over its experts, e.g. a served MeteoRA / LoRA-Mixer)."""
 
-    def __init__(self, names: Sequence[str | None]) -> None:
+    def __init__(self, names: Sequence[str | None], mixtures: Mapping[str, WeightedRouting] | None = None) -> None:
         self.names = list(names)
+        self.mixtures = dict(mixtures or {})
         order: dict[str, list[int]] = {}
         for row, name in enumerate(self.names):
             if name is not None:
@@ -70,10 +73,16 @@ class RowRouting(Routing):
         """Rows of no adapter (or of one that does not target this layer) keep the base output."""
         self.check_rows(x.shape[0], host.path)
         only = self.only
+        if only in self.mixtures:
+            return self.mixtures[only].forward(host, x, *args, **kwargs)
         if only is not None and (host.stack is None or only not in host.stack.table.slots):
             return sum_of(host, (only,) if only in host.adapters else (), x, *args, **kwargs)  # fused where it can
         base_out = host.base_layer(x, *args, **kwargs)
         out = base_out if host.stack is None else host.stack.apply(x, base_out, self)
+        for name, idx in self.groups(x.device):
+            if name in self.mixtures:  # its rows: the mixture's output (no adapter or slot holds the name)
+                mixed = self.mixtures[name].apply(host, x.index_select(0, idx), base_out.index_select(0, idx))
+                out = out.index_copy(0, idx, mixed.to(out.dtype))
         groups = [(name, idx) for name, idx in self.groups(x.device) if name in host.adapters]
         if len(groups) > 1 and all(stackable(host.adapters[n], host.geometry.kind) for n, _ in groups):
             return apply_grouped(x, out, self, {n: host.adapters[n].factors() for n, _ in groups})

@@ -67,7 +67,11 @@ class WeightedRouting(Routing):
         return w.expand(*tokens, n)
 
     def forward(self, host: Host, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        base_out = host.base_layer(x, *args, **kwargs)
+        return self.apply(host, x, host.base_layer(x, *args, **kwargs))
+
+    def apply(self, host: Host, x: Tensor, base_out: Tensor) -> Tensor:
+        """The layer's output for input ``x`` whose frozen output is ``base_out`` (also on a subset of a batch's
+        rows: :class:`~lorakit.routing.rows.RowRouting` serves a mixture to its rows this way)."""
         present = [(i, n) for i, n in enumerate(self.names) if n in host.adapters]
         if not present:
             return base_out

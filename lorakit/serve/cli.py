@@ -18,6 +18,7 @@ import torch
 from ..errors import LorakitError
 from ..train.model import load_model, resolve_model
 from .engine import Engine
+from .mixtures import WithMixtures, load_served_mixture
 
 
 def serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +28,9 @@ def serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                         help="register an adapter folder (PEFT or lorakit format) under NAME; repeatable")
+    parser.add_argument("--mixture", action="append", default=[], metavar="NAME=PATH",
+                        help="serve a mixture folder (lorakit.mixtures.save_mixture, a gate router over its experts) "
+                             "as model NAME; repeatable")
     parser.add_argument("--allowed-dir", help="folder that POST /v1/load_lora_adapter may load from (default: "
                                               "runtime loading disabled)")
     parser.add_argument("--api-key", default=os.environ.get("LORAKIT_API_KEY"),
@@ -47,7 +51,7 @@ def parse_adapter_specs(specs: list[str]) -> list[tuple[str, str]]:
     for spec in specs:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
-            raise LorakitError(f"--adapter {spec!r} is invalid: write NAME=PATH")
+            raise LorakitError(f"{spec!r} is invalid: write NAME=PATH")
         pairs.append((name, path))
     return pairs
 
@@ -63,7 +67,9 @@ def run_serve(args: argparse.Namespace) -> int:
     pool = AdapterPool(model, capacity=args.max_resident)
     for name, path in parse_adapter_specs(args.adapter):
         pool.register(name, path)
-    engine = Engine(model, tokenizer, pool, max_batch=args.max_batch, max_waiting=args.max_waiting,
+    mixtures = {name: load_served_mixture(model, name, path) for name, path in parse_adapter_specs(args.mixture)}
+    adapters = WithMixtures(pool, mixtures) if mixtures else pool
+    engine = Engine(model, tokenizer, adapters, max_batch=args.max_batch, max_waiting=args.max_waiting,
                     context=args.context)
     base_name = args.served_model_name or Path(resolve_model(args.model)).name
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
@@ -72,7 +78,7 @@ def run_serve(args: argparse.Namespace) -> int:
     sock.listen(2048)  # connections queue from now on, so "ready" below is true
     port = sock.getsockname()[1]
     ready = lambda: print(f"lorakit serve: ready on http://{args.host}:{port}/v1 (model {base_name!r}, "
-                          f"{len(pool.names())} adapters)", flush=True)
+                          f"{len(pool.names())} adapters, {len(mixtures)} mixtures)", flush=True)
     app = create_app(engine, base_name, allowed_dir=args.allowed_dir, on_ready=ready, api_key=args.api_key)
     uvicorn.Server(uvicorn.Config(app, log_level=args.log_level)).run(sockets=[sock])
     return 0

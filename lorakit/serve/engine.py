@@ -90,6 +90,7 @@ class Engine:
             raise LorakitError(f"max_batch={max_batch} must be >= 1 and max_waiting={max_waiting} >= 0")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.adapters = adapters if adapters is not None else AttachedAdapters(model)
+        self._mixtures = getattr(self.adapters, "mixtures", None)  # served mixtures (lorakit.serve.mixtures)
         self.max_batch, self.max_waiting = max_batch, max_waiting
         self.context = context or getattr(model.config, "max_position_embeddings", None) or 2048
         self.device = next(model.parameters()).device
@@ -282,7 +283,7 @@ class Engine:
             mask[row, width - n:] = 1
         positions = (mask.cumsum(1) - 1).clamp_min(0)
         cache = DynamicCache(config=self.model.config)
-        with route(self.model, [r.adapter for r in chunk]):
+        with route(self.model, [r.adapter for r in chunk], self._mixtures):
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                              use_cache=True, logits_to_keep=1)
         self.metrics.inc("prompt_tokens_total", int(mask.sum()), help="prompt tokens prefilled")
@@ -294,7 +295,7 @@ class Engine:
     def _decode(self) -> None:
         last = torch.tensor([[r.generated[-1]] for r in self._running], device=self.device)
         mask, positions = self._kv.step_inputs()
-        with route(self.model, [r.adapter for r in self._running]):
+        with route(self.model, [r.adapter for r in self._running], self._mixtures):
             out = self.model(input_ids=last, attention_mask=mask, position_ids=positions,
                              past_key_values=self._kv.cache, use_cache=True)
         self._kv.step_done()
