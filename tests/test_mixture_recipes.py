@@ -96,6 +96,21 @@ def train(model, steps, params, loss_fn, lr=1e-2):
         optimizer.zero_grad()
 
 
+def train_router_only(model, names, router, router_name, hook) -> None:
+    """Three steps on the router's tensors only, ``hook.forward_loss`` added; the experts must stay bit-identical."""
+    params = lorakit.trainable_parameters(model)
+    assert params and all(k.startswith(f"lorakit_routers.{router_name}.") for k in params)
+    before = expert_tensors(model, names)
+    model.train()
+
+    def loss():
+        with lorakit.mix(model, names, router):
+            return model(IDS4, labels=IDS4).loss + hook.forward_loss(model)
+    train(model, 3, params.values(), loss)
+    after = expert_tensors(model, names)
+    assert before and all(torch.equal(after[k], v) for k, v in before.items())
+
+
 # -- MTLoRA ------------------------------------------------------------------------------------------------------------
 TASKS = ["t0", "t1", "t2"]
 
@@ -264,18 +279,8 @@ def test_meteora_gate_only_training_leaves_every_expert_bit_identical(ffn_expert
     model = tiny_llama(0)
     names, gate = load_meteora(model, ffn_experts, balance=0.01)
     randomize(gate.parameters(), std=0.5, seed=5)
-    before, start = expert_tensors(model, names), [p.detach().clone() for p in gate.parameters()]
-    params = lorakit.trainable_parameters(model)
-    assert params and all(k.startswith("lorakit_routers.meteora.") for k in params)
-    hook = RouterLosses()
-    model.train()
-
-    def loss():
-        with lorakit.mix(model, names, gate):
-            return model(IDS4, labels=IDS4).loss + hook.forward_loss(model)
-    train(model, 3, params.values(), loss)
-    after = expert_tensors(model, names)
-    assert before and all(torch.equal(after[k], v) for k, v in before.items())
+    start = [p.detach().clone() for p in gate.parameters()]
+    train_router_only(model, names, gate, "meteora", RouterLosses())
     assert all(not torch.equal(a, b) for a, b in zip(gate.parameters(), start))
 
 
@@ -340,19 +345,9 @@ def test_mixer_router_only_mode_from_files_leaves_experts_bit_identical(attentio
     model = tiny_llama(0)
     names, router = load_mixer(model, attention_experts)
     assert isinstance(router, MixerRouter) and router.hard and len(router.gates) == 6
-    before = expert_tensors(model, names)
-    params = lorakit.trainable_parameters(model)
-    assert all(k.startswith("lorakit_routers.mixer.") for k in params)
     sbl = SpecializationBalanceLoss(balance=0.1, alignment=0.1)
     sbl.set_labels(LABELS)
-    model.train()
-
-    def loss():
-        with lorakit.mix(model, names, router):
-            return model(IDS4, labels=IDS4).loss + sbl.forward_loss(model)
-    train(model, 3, params.values(), loss)
-    after = expert_tensors(model, names)
-    assert before and all(torch.equal(after[k], v) for k, v in before.items())
+    train_router_only(model, names, router, "mixer", sbl)
     assert all(g.weight.abs().sum() > 0 for g in router.gates.values())
     model.eval()
     save_mixture(model, tmp_path / "mixer", "mixer", names)
