@@ -4,6 +4,8 @@
     lorakit generate --prompt "Hello" [--adapter runs/x]
     lorakit eval --adapter runs/x
     lorakit inspect --rank 8 --targets q_proj,v_proj
+    lorakit merge runs/a runs/b --weights 0.7 0.3 --rule ties --rank 16 --output merged/
+    lorakit extract --model runs/full --rank 16 --output lora/
     torchrun --nproc-per-node 2 -m lorakit finetune ...
 """
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Callable, Sequence
 
 from ..errors import LorakitError
 from ..serve import cli as serve_cli
-from . import commands
+from . import commands, merge
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,10 @@ COMMANDS: dict[str, Command] = {
                        commands.run_inspect),
     "serve": Command("serve the base model and adapters over an OpenAI-compatible HTTP API",
                      serve_cli.serve_arguments, serve_cli.run_serve),
+    "merge": Command("merge adapters into one LoRA (cat, linear, svd, ties, dare, ...)", merge.merge_arguments,
+                     merge.run_merge),
+    "extract": Command("extract a LoRA from a fully fine-tuned model's difference to its base",
+                       merge.extract_arguments, merge.run_extract),
 }
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..errors import require
 from ..hosts.host import HostLayer, adapters_named
@@ -58,10 +58,7 @@ def export_lora(model: nn.Module, directory: str | Path, name: str = "default") 
 def _save_as(model: nn.Module, directory: str | Path, config: LoraConfig, layers: list[HostLayer],
              fill: Callable[[HostLayer, str], None]) -> Path:
     """Save a temporary LoRA adapter built from ``config`` on ``layers`` and filled by ``fill(host, its name)``."""
-    known = configs(model)
-    tmp = "export"
-    while tmp in known:
-        tmp += "_"
+    tmp = _free_name(model)
     adapt(model, config, tmp, activate=False, freeze_base=False)
     try:
         for host in layers:
@@ -75,26 +72,42 @@ def _export_factors(model: nn.Module, directory: str | Path, name: str, layers: 
     """A factorable adapter as a LoRA with ``B = B_eff``, ``A = A_eff`` and scale 1 on every layer."""
     require(all(h.adapters[name].reproducible_from_file for h in layers), "adapter", name,
             "rewrote its base weights, so its factors alone do not describe it relative to the stock base")
-    factors = {h.path: h.adapters[name].factors() for h in layers}
-    layers = [h for h in layers if factors[h.path][1].shape[0] > 0]
-    require(bool(layers), "adapter", name, "has rank 0 on every layer; there is nothing to export")
-    keys = {h.path: re.escape(h.path) for h in layers}
-    ranks = {h.path: factors[h.path][1].shape[0] for h in layers}
+    tmp = _free_name(model)
+    attach_factors(model, tmp, {h.path: h.adapters[name].factors() for h in layers})
+    try:
+        return save_adapter(model, directory, tmp)
+    finally:
+        delete_adapter(model, tmp)
+
+
+def attach_factors(model: nn.Module, name: str, factors: dict[str, tuple[Tensor, Tensor]],
+                   activate: bool = False) -> None:
+    """Add a LoRA adapter ``name`` whose update on layer ``path`` is ``up @ down`` (``factors[path]``, canonical
+    layout, ``up (d_out, r)``, ``down (r, d_in)``): each layer its own rank and scale 1 (``rank_pattern``,
+    ``alpha_pattern``), so PEFT and any LoRA server load it. Layers of rank 0 are left out."""
+    factors = {p: f for p, f in factors.items() if f[1].shape[0] > 0}
+    require(bool(factors), "factors", name, "have rank 0 on every layer; there is nothing to add")
+    keys = {p: re.escape(p) for p in factors}
+    ranks = {p: f[1].shape[0] for p, f in factors.items()}
     top = max(ranks.values())
     config = LoraConfig(r=top, alpha=float(top), targets=tuple(keys),
                         rank_pattern={keys[p]: r for p, r in ranks.items()},
                         alpha_pattern={keys[p]: float(r) for p, r in ranks.items()})
+    adapt(model, config, name, activate=activate, freeze_base=False)
+    with torch.no_grad():
+        for host, out in adapters_named(model, name, Lora):
+            up, down = factors[host.path]
+            if host.geometry.kind == "embedding":  # Lora: delta (num, dim) = A^T B^T
+                out.a.copy_(up.t()), out.b.copy_(down.t())
+            else:
+                out.b.copy_(up.reshape(out.b.shape)), out.a.copy_(down.reshape(out.a.shape))
 
-    @torch.no_grad()
-    def fill(host: HostLayer, tmp: str) -> None:
-        out: Lora = host.adapters[tmp]
-        up, down = factors[host.path]  # canonical delta = up @ down
-        if host.geometry.kind == "embedding":  # Lora: delta (num, dim) = A^T B^T
-            out.a.copy_(up.t()), out.b.copy_(down.t())
-        else:
-            out.b.copy_(up.reshape(out.b.shape)), out.a.copy_(down.reshape(out.a.shape))
 
-    return _save_as(model, directory, config, layers, fill)
+def _free_name(model: nn.Module) -> str:
+    tmp = "export"
+    while tmp in configs(model):
+        tmp += "_"
+    return tmp
 
 
 @torch.no_grad()
