@@ -33,7 +33,9 @@ def merge_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--energy", type=float, help="keep the fewest directions holding this share of each layer's "
                                                       "squared norm")
     parser.add_argument("--density", type=float, help="ties / dare / magnitude_prune: share of entries kept")
-    parser.add_argument("--seed", type=int, help="dare: the seed of the random drop")
+    parser.add_argument("--seed", type=int, help="dare / lego: the seed of the random drop / the clustering")
+    parser.add_argument("--units", type=int, help="lego: rank-wise units of the merged adapter (default: the largest "
+                                                   "input rank)")
     parser.add_argument("--model", help="the base model (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--output", required=True, help="folder of the merged adapter")
 
@@ -43,7 +45,8 @@ def run_merge(args: argparse.Namespace) -> int:
     names = [f"input{i}" for i in range(len(args.adapters))]
     for name, folder in zip(names, args.adapters):
         load_adapter(model, folder, name, activate=False)
-    options = {k: v for k, v in (("density", args.density), ("seed", args.seed)) if v is not None}
+    options = {k: v for k, v in (("density", args.density), ("seed", args.seed), ("units", args.units))
+               if v is not None}
     report = merge_adapters(model, names, args.weights, rule=args.rule, into=MERGED, rank=args.rank,
                             energy=args.energy, **options)
     save_adapter(model, args.output, MERGED)

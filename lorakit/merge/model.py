@@ -15,14 +15,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-import torch
 from torch import Tensor, nn
 
 from ..errors import LorakitError, require
 from ..hosts.host import HostLayer, hosts
 from ..inject import _check_names, configs
 from ..io.export import attach_factors
-from .rules import Update, apply_rule, dense, refactor
+from .rules import Update, apply_rule, linear, refactor, relative_error
 
 
 @dataclass(frozen=True)
@@ -79,17 +78,10 @@ def merge_adapters(model: nn.Module, names: Sequence[str], weights: Sequence[flo
         updates = [layer_update(host, n) for n, _ in present]
         ws = [w for _, w in present]
         result = apply_rule(rule, updates, ws, **options)
-        up, down = refactor(result, rank, energy)
-        merged = up @ down
-        factors[host.path] = (up, down)
-        ranks[host.path] = down.shape[0]
-        rule_error[host.path] = _relative(merged, dense(result))
-        sum_error[host.path] = _relative(merged, sum(w * dense(u) for u, w in zip(updates, ws)))
+        factors[host.path] = refactor(result, rank, energy)
+        ranks[host.path] = factors[host.path][1].shape[0]
+        rule_error[host.path] = relative_error(factors[host.path], result)
+        sum_error[host.path] = relative_error(factors[host.path], linear(updates, ws))
     attach_factors(model, into, factors, activate=activate)
     return MergeReport(ranks, rule_error, sum_error)
-
-
-def _relative(approx: Tensor, target: Tensor) -> float:
-    norm = float(torch.linalg.matrix_norm(target))
-    return float(torch.linalg.matrix_norm(approx - target)) / norm if norm > 0 else float(approx.abs().max())
 

@@ -8,13 +8,14 @@ exact ones where the rule is exactly low rank -- or a dense matrix, which :func:
 * ``cat`` -- ``[w_1 up_1 .. w_n up_n] [down_1; ..; down_n] = sum_i w_i delta_i``, exact, rank ``sum_i r_i``
   (PEFT's ``linear`` instead sums the ups and downs separately: ``(sum_i w_i up_i)(sum_i down_i)`` adds the cross
   terms ``up_i down_j``);
-* ``linear`` -- task arithmetic, the dense ``sum_i w_i delta_i``;
+* ``linear`` -- task arithmetic, ``sum_i w_i delta_i`` (kept as the ``cat`` factors when every update is factored);
 * ``svd`` -- the same, truncated to the target rank or energy (the best approximation in Frobenius norm);
 * ``ties`` -- TIES-Merging (Yadav et al. 2023): keep the ``density`` largest magnitudes of each ``w_i delta_i``,
   elect each entry's sign as that of their sum, average the kept entries agreeing with it;
 * ``dare_linear`` / ``dare_ties`` -- DARE (Yu et al. 2024): drop each entry with probability ``1 - density`` and
   rescale the kept ones by ``1 / density`` (seeded), then ``linear`` / ``ties``;
-* ``magnitude_prune`` -- keep the ``density`` largest magnitudes of each update, then ``linear``.
+* ``magnitude_prune`` -- keep the ``density`` largest magnitudes of each update, then ``linear``;
+* ``lego`` -- LoRA-LEGO: the weighted rank-wise units of all updates clustered into ``units`` merged units.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from torch import Tensor
 
 from ..errors import LorakitError, require
 from ..registry import Registry
+from .lego import lego_merge
 
 Factors = tuple[Tensor, Tensor]
 Update = Union[Factors, Tensor]
@@ -50,10 +52,17 @@ def factored(update: Update) -> Factors:
 
 def refactor(update: Update, rank: int | None = None, energy: float | None = None) -> Factors:
     """Truncated SVD of ``update`` to ``rank`` and/or the fewest directions keeping ``energy`` of its squared
-    Frobenius norm (both ``None``: exact)."""
+    Frobenius norm (both ``None``: exact). Factors are never densified: ``up = Q_u R_u``, ``down^T = Q_d R_d``, and
+    the SVD of the small core ``R_u R_d^T`` gives that of ``up @ down``."""
     if rank is None and energy is None:
         return factored(update)
-    u, s, vh = torch.linalg.svd(dense(update), full_matrices=False)
+    if isinstance(update, Tensor):
+        u, s, vh = torch.linalg.svd(update.float(), full_matrices=False)
+    else:
+        q_up, r_up = torch.linalg.qr(update[0].float())
+        q_down, r_down = torch.linalg.qr(update[1].float().t())
+        core_u, s, core_vh = torch.linalg.svd(r_up @ r_down.t(), full_matrices=False)
+        u, vh = q_up @ core_u, (q_down @ core_vh.t()).t()
     keep = s.numel() if rank is None else min(rank, s.numel())
     if energy is not None:
         cumulative = torch.cumsum(s**2, 0) / (s**2).sum().clamp_min(1e-30)
@@ -69,11 +78,39 @@ def cat(updates: Sequence[Update], weights: Sequence[float]) -> Factors:
 
 
 @MERGE_RULES.decorator("linear")
-def linear(updates: Sequence[Update], weights: Sequence[float]) -> Tensor:
+def linear(updates: Sequence[Update], weights: Sequence[float]) -> Update:
+    if all(not isinstance(u, Tensor) for u in updates):
+        return cat(updates, weights)  # the same matrix, kept low rank
     return sum(w * dense(u) for u, w in zip(updates, weights))
 
 
+def relative_error(approx: Update, target: Update) -> float:
+    """``||approx - target||_F / ||target||_F`` (float64; factors are never densified: ``||U V||_F^2 =
+    sum((U^T U) * (V V^T))`` over the concatenated factors)."""
+    if isinstance(approx, Tensor) or isinstance(target, Tensor):
+        diff, norm = dense(approx).double() - dense(target).double(), dense(target).double()
+        num, den = float((diff**2).sum()), float((norm**2).sum())
+    else:
+        num = _squared_norm(torch.cat([approx[0], -target[0]], 1), torch.cat([approx[1], target[1]], 0))
+        den = _squared_norm(*target)
+    return math.sqrt(max(num, 0.0) / den) if den > 0 else math.sqrt(max(num, 0.0))
+
+
+def _squared_norm(up: Tensor, down: Tensor) -> float:
+    up, down = up.double(), down.double()
+    return float(((up.t() @ up) * (down @ down.t())).sum())
+
+
 MERGE_RULES.register("svd", linear)  # the target rank / energy makes it a truncation (model.merge_adapters)
+
+
+@MERGE_RULES.decorator("lego")
+def lego(updates: Sequence[Update], weights: Sequence[float], units: int | None = None, reweight: str = "output",
+         seed: int = 0) -> Factors:
+    """LoRA-LEGO (:mod:`lorakit.merge.lego`): the weighted rank-wise units clustered into ``units`` (default: the
+    largest input rank) merged units."""
+    pairs = [factored(u) for u in updates]
+    return lego_merge(pairs, weights, units or max(d.shape[0] for _, d in pairs), reweight=reweight, seed=seed)
 
 
 def keep_largest(delta: Tensor, density: float) -> Tensor:
