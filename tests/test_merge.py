@@ -13,9 +13,9 @@ from zoo import tiny_gpt2, tiny_llama
 import lorakit
 from lorakit.errors import ConfigError, LorakitError
 from lorakit.hosts.host import adapters_named, hosts
-from lorakit.merge.extract import extract_lora
-from lorakit.merge.model import merge_adapters
-from lorakit.merge.rules import apply_rule
+from lorakit.merging.extract import extract_lora
+from lorakit.merging.model import merge_adapters
+from lorakit.merging.rules import MERGE_RULES, apply_rule
 
 IDS = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(0))
 NAMES, WEIGHTS = ["a", "b", "d"], [0.7, -0.4, 0.5]
@@ -97,7 +97,7 @@ def test_ties_dare_and_magnitude_pruning_equal_dense_references():
 
 def test_peft_loads_every_merged_adapter_with_equal_logits(tmp_path):
     model = bank()
-    for rule in ("cat", "ties"):
+    for rule in MERGE_RULES.names():
         merge_adapters(model, NAMES, WEIGHTS, rule=rule, into=rule, rank=None if rule == "cat" else 5)
         lorakit.save_adapter(model, tmp_path / rule, rule)
         lorakit.set_active(model, rule)
@@ -195,3 +195,22 @@ def test_lego_rule_merges_a_model_s_adapters_and_is_exact_with_every_unit():
     assert report.worst_sum_error < 1e-5  # 2 + 4 units clustered into 6: the concatenation
     report = merge_adapters(model, names, weights, rule="lego", into="few", units=2)
     assert set(report.ranks.values()) == {2} and 0 < report.worst_sum_error < 1
+
+
+def test_a_merge_folds_into_a_quantised_base_with_its_rounding_error_reported():
+    model = bank()
+    lorakit.quantize(model, "int8", "lorakit", block=32)
+    merge_adapters(model, ["a", "b"], [0.5, 0.5], into="m", activate=True)
+    with torch.no_grad():
+        unmerged = model(IDS).logits
+        lorakit.merge(model, "m")  # requantises W + delta
+        errors = lorakit.rounding_errors(model)
+        assert errors and 0 < max(errors.values()) < 0.02
+        drift = float(torch.linalg.norm(model(IDS).logits - unmerged) / torch.linalg.norm(unmerged))
+        assert 0 < drift < 0.1  # int8 rounding of W + delta, nothing else
+
+
+def test_the_merging_package_leaves_lorakit_merge_the_function():
+    import lorakit.merging  # noqa: F401  (a subpackage named `merge` would replace the attribute)
+
+    assert callable(lorakit.merge) and lorakit.merge.__module__ == "lorakit.inject"
