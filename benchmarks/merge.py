@@ -24,8 +24,8 @@ from torch import nn
 
 import lorakit
 from lorakit.hosts.host import hosts
-from lorakit.merge.extract import extract_lora
-from lorakit.merge.model import merge_adapters
+from lorakit.merging.extract import extract_lora
+from lorakit.merging.model import merge_adapters
 
 N, RANK, TRUNCATE = 8, 8, 64
 WEIGHTS = [0.3, 0.2, 0.15, 0.1, 0.1, 0.05, 0.05, 0.05]

@@ -182,3 +182,16 @@ def test_adapters_of_deep_models_save_load_and_export(tmp_path):
     again = deep()
     lorakit.load_adapter(again, tmp_path / "b")
     torch.testing.assert_close(again(ids).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_hostile_rank_is_refused_before_anything_is_allocated(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    get_peft_model(tiny_llama(0), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / CONFIG_FILE).read_text())
+    for hostile in ({"r": 10**9}, {"rank_pattern": {"q_proj": 10**8}}):
+        (tmp_path / CONFIG_FILE).write_text(json.dumps({**config, **hostile}))
+        fresh = tiny_llama(0)
+        with pytest.raises(lorakit.AdapterFileError, match="widest dimension"):
+            lorakit.load_adapter(fresh, tmp_path)
+        assert not lorakit.configs(fresh)

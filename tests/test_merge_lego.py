@@ -1,4 +1,4 @@
-"""LoRA-LEGO (lorakit.merge.lego): the rank-wise unit algebra (concatenation = summation, permutation invariance),
+"""LoRA-LEGO (lorakit.merging.lego): the rank-wise unit algebra (concatenation = summation, permutation invariance),
 the clustered merge (exact at full rank, order-independent, recovers shared units whatever their scale and sign),
 its dual reweighting, and its argument checks."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from lorakit.errors import LorakitError
-from lorakit.merge.lego import cluster_units, lego_merge, rank_units
+from lorakit.merging.lego import cluster_units, lego_merge, rank_units
 
 D_OUT, D_IN = 12, 10
 

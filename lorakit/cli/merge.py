@@ -15,9 +15,9 @@ import torch
 
 from ..errors import LorakitError
 from ..io.adapter_files import load_adapter, save_adapter
-from ..merge.extract import extract_lora
-from ..merge.model import merge_adapters
-from ..merge.rules import MERGE_RULES
+from ..merging.extract import extract_lora
+from ..merging.model import merge_adapters
+from ..merging.rules import MERGE_RULES
 from ..train.model import load_model
 
 MERGED = "merged"

@@ -63,6 +63,19 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     return _state(model, name)
 
 
+def _check_sizes(model: nn.Module, config: AdapterConfig, source: Path) -> None:
+    """Refuse ranks beyond the model's widest dimension before anything is allocated from them (a file's config is
+    untrusted: ``r = 10**9`` would allocate before the tensors' shapes are compared)."""
+    widest = max((max(p.shape) for p in model.parameters() if p.dim()), default=0)
+    sizes = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+             if f.name == "r" or f.name.endswith(("_r", "_rank"))}
+    sizes.update({f"rank_pattern[{k!r}]": v for k, v in dict(getattr(config, "rank_pattern", {}) or {}).items()})
+    too_big = {k: v for k, v in sizes.items() if isinstance(v, int) and v > widest}
+    if too_big:
+        raise AdapterFileError(f"{source}: {too_big} exceed the model's widest dimension ({widest}); a rank cannot be "
+                               f"larger, so the adapter is refused before anything is allocated")
+
+
 def _target_modules(model: nn.Module, paths: list[str]) -> list[str] | str:
     """PEFT ``target_modules`` selecting exactly ``paths``: leaf names when they are unambiguous, else the paths."""
     leaves = {p.rsplit(".", 1)[-1] for p in paths}
@@ -169,6 +182,7 @@ def attach_adapter(model: nn.Module, config: AdapterConfig, tensors: dict[str, t
     ``source`` names the directory in error messages. On any error the model is left without ``name``."""
     source = Path(source)
     paths = _module_paths(tensors, source, model)
+    _check_sizes(model, config, source)
     adapt(model, config.replace(targets=tuple(paths), exclude=()), name, activate=activate, dtype=dtype)
     try:
         _fill(model, name, tensors, source / WEIGHTS_FILE)

@@ -1,6 +1,6 @@
 """A LoRA extracted from a fully fine-tuned model: the truncated SVD of ``W_ft - W_base`` on every targeted layer.
 
-    report = lorakit.merge.extract_lora(finetuned, base, rank=16)     # adds adapter "default" to ``base``
+    report = lorakit.merging.extract_lora(finetuned, base, rank=16)     # adds adapter "default" to ``base``
     lorakit.save_adapter(base, "out/extracted")                        # PEFT LoRA of the stock base
 
 For each layer the targets select (default every linear layer but the output head), ``delta = W_ft - W_base`` in the

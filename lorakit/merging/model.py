@@ -1,11 +1,11 @@
 """Merge a model's adapters, layer by layer, into a new LoRA adapter.
 
-    report = lorakit.merge.merge_adapters(model, ["a", "b", "c"], [0.5, 0.3, 0.2], rule="ties", rank=16, into="m")
+    report = lorakit.merging.merge_adapters(model, ["a", "b", "c"], [0.5, 0.3, 0.2], rule="ties", rank=16, into="m")
     lorakit.save_adapter(model, "out/m", "m")          # a PEFT LoRA (per-layer ranks), loadable by PEFT
 
 Each layer's update of each adapter is its ``factors()`` (exactly low-rank methods) or its dense ``delta_weight``
 (any other method), so adapters of different methods and ranks merge together; a layer some adapters do not touch
-merges the others' updates there. The rule's result (:mod:`lorakit.merge.rules`) becomes the new adapter's factors:
+merges the others' updates there. The rule's result (:mod:`lorakit.merging.rules`) becomes the new adapter's factors:
 exact (``cat``; the others at full rank), or truncated by ``rank`` / ``energy``. The returned report gives, per
 layer, the relative error ``||delta_merged - target|| / ||target||`` against the rule's own result and against the
 plain weighted sum ``sum_i w_i delta_i`` (0 for exact rules: the number that says what a rule changed).

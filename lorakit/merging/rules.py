@@ -107,7 +107,7 @@ MERGE_RULES.register("svd", linear)  # the target rank / energy makes it a trunc
 @MERGE_RULES.decorator("lego")
 def lego(updates: Sequence[Update], weights: Sequence[float], units: int | None = None, reweight: str = "output",
          seed: int = 0) -> Factors:
-    """LoRA-LEGO (:mod:`lorakit.merge.lego`): the weighted rank-wise units clustered into ``units`` (default: the
+    """LoRA-LEGO (:mod:`lorakit.merging.lego`): the weighted rank-wise units clustered into ``units`` (default: the
     largest input rank) merged units."""
     pairs = [factored(u) for u in updates]
     return lego_merge(pairs, weights, units or max(d.shape[0] for _, d in pairs), reweight=reweight, seed=seed)
