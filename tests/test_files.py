@@ -195,3 +195,16 @@ def test_a_hostile_rank_is_refused_before_anything_is_allocated(tmp_path):
         with pytest.raises(lorakit.AdapterFileError, match="widest dimension"):
             lorakit.load_adapter(fresh, tmp_path)
         assert not lorakit.configs(fresh)
+
+
+def test_a_file_cannot_order_unbounded_svd_work(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    get_peft_model(tiny_llama(0), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / CONFIG_FILE).read_text())
+    (tmp_path / CONFIG_FILE).write_text(json.dumps({**config, "init_lora_weights": "pissa_niter_999999999999"}))
+    with pytest.raises(lorakit.AdapterFileError, match="subspace iterations must be at most 1000"):
+        lorakit.load_adapter(tiny_llama(0), tmp_path)
+    with pytest.raises(lorakit.ConfigError, match="niter"):
+        lorakit.adapt(tiny_llama(0), lorakit.LoraConfig(r=2, targets=["q_proj"], init="pissa",
+                                                         init_options={"niter": 10**6}))

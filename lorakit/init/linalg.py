@@ -11,6 +11,8 @@ from torch import Tensor
 
 from ..errors import require
 
+MAX_NITER = 1000  # subspace iterations converge in tens; more is only work (and a file could ask for 10**12)
+
 
 def top_svd(w: Tensor, k: int, niter: int | None = None, oversample: int = 8,
             seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
@@ -22,6 +24,8 @@ def top_svd(w: Tensor, k: int, niter: int | None = None, oversample: int = 8,
     if niter is None:
         u, s, vh = torch.linalg.svd(w, full_matrices=False)
         return u[:, :k], s[:k], vh[:k]
+    require(isinstance(niter, int) and 0 <= niter <= MAX_NITER, "niter", niter,
+            f"must be None (exact) or an integer in [0, {MAX_NITER}]")
     m, n = w.shape
     q = min(k + oversample, m, n)
     gen = torch.Generator(device=w.device).manual_seed(seed)

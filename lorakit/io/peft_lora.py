@@ -5,6 +5,7 @@ from typing import Any
 
 from ..config import AdapterConfig
 from ..errors import AdapterFileError
+from ..init.linalg import MAX_NITER
 from ..methods.dora import DoraConfig
 from ..methods.lora import LoraConfig, LoraFAConfig
 from .peft_format import PeftFormat, check_keys, require_type
@@ -54,7 +55,11 @@ def _init_from_peft(value: Any, source: str) -> dict[str, Any]:
     if value in ("pissa", "olora"):
         return {"init": value}
     if isinstance(value, str) and value.startswith("pissa_niter_") and value[len("pissa_niter_"):].isdigit():
-        return {"init": "pissa", "init_options": {"niter": int(value[len("pissa_niter_"):])}}
+        niter = int(value[len("pissa_niter_"):])
+        if not niter <= MAX_NITER:  # a file's number of SVD passes is untrusted: bound the work it orders
+            raise AdapterFileError(f"{source}: init_lora_weights={value!r}: the number of subspace iterations must "
+                                   f"be at most {MAX_NITER}")
+        return {"init": "pissa", "init_options": {"niter": niter}}
     raise AdapterFileError(
         f"{source}: init_lora_weights={value!r} rewrote the base model in a way lorakit cannot redo on load; "
         "supported: true, false, 'gaussian', 'eva', 'pissa', 'pissa_niter_<n>', 'olora' (convert the adapter with "
