@@ -63,11 +63,16 @@ class AdapterPool:
         capacity: how many adapters may be resident at once (>= 1).
         allowed_dir: when given, :meth:`register` refuses folders outside it (after resolving symlinks and ``..``;
             a relative path is taken relative to it).
+        max_registered: most adapters registered at once (their tensors stay in host memory); ``None``: no bound.
     """
 
-    def __init__(self, model: nn.Module, capacity: int, allowed_dir: str | Path | None = None) -> None:
+    def __init__(self, model: nn.Module, capacity: int, allowed_dir: str | Path | None = None,
+                 max_registered: int | None = None) -> None:
         if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1:
             raise LorakitError(f"capacity={capacity!r} is invalid: must be a positive integer")
+        if max_registered is not None and (not isinstance(max_registered, int) or max_registered < 1):
+            raise LorakitError(f"max_registered={max_registered!r} is invalid: must be None or a positive integer")
+        self.max_registered = max_registered
         self.model = model
         self.capacity = capacity
         self.allowed_dir = None if allowed_dir is None else Path(allowed_dir).resolve()
@@ -93,6 +98,9 @@ class AdapterPool:
                 raise LorakitError(f"adapter {name!r} is already registered; unregister it first or pick another name")
             if name in configs(self.model):
                 raise LorakitError(f"the model already has an adapter {name!r} outside the pool; pick another name")
+            if self.max_registered is not None and len(self._entries) >= self.max_registered:
+                raise LorakitError(f"the pool already holds its maximum of {self.max_registered} registered adapters "
+                                   f"(max_registered / --max-registered); unregister one first")
             source = resolve_inside(path, self.allowed_dir)
             config, tensors = read_adapter(source)
             with self._rng_kept():  # building draws random inits, overwritten by the file's tensors

@@ -285,3 +285,16 @@ def test_a_lofq_adapter_whose_base_was_replaced_is_refused_by_a_pool(tmp_path):
     with pytest.raises(lorakit.AdapterFileError, match="replaces the base weight"):
         pool.register("q", tmp_path / "q")
     assert pool.names() == [] and not lorakit.configs(served)
+
+
+def test_max_registered_bounds_what_the_pool_holds_in_host_memory(three):
+    pool = lorakit.AdapterPool(tiny_llama(), capacity=1, max_registered=2)
+    pool.register("a", three["a"])
+    pool.register("b", three["b"])
+    with pytest.raises(lorakit.LorakitError, match="maximum of 2 registered adapters"):
+        pool.register("c", three["c"])
+    assert sorted(pool.names()) == ["a", "b"]
+    pool.unregister("a")
+    pool.register("c", three["c"])  # room again
+    with pytest.raises(lorakit.LorakitError, match="max_registered"):
+        lorakit.AdapterPool(tiny_llama(), capacity=1, max_registered=0)

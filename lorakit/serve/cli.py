@@ -42,6 +42,8 @@ def serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=int, default=32, help="most requests decoded together")
     parser.add_argument("--max-waiting", type=int, default=256, help="queue bound; more requests get 429")
     parser.add_argument("--max-resident", type=int, default=64, help="adapters attached to the model at once")
+    parser.add_argument("--max-registered", type=int, default=256,
+                        help="adapters registered at once (kept in host memory); more loads are refused")
     parser.add_argument("--context", type=int, help="most tokens per request (default: the model's)")
     parser.add_argument("--log-level", default="warning")
 
@@ -64,7 +66,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     model, tokenizer = load_model(args.model, torch.bfloat16 if args.bf16 else torch.float32)
     model.to(args.device)
-    pool = AdapterPool(model, capacity=args.max_resident)
+    pool = AdapterPool(model, capacity=args.max_resident, max_registered=args.max_registered)
     for name, path in parse_adapter_specs(args.adapter):
         pool.register(name, path)
     mixtures = {name: load_served_mixture(model, name, path) for name, path in parse_adapter_specs(args.mixture)}
