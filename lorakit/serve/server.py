@@ -15,7 +15,7 @@ import hmac
 import json
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -34,6 +34,7 @@ from .protocol import (
 )
 
 RETRY_AFTER_S = 1
+DISCONNECT_POLL_S = 0.5  # how often a waiting non-streaming request checks that its client is still there
 
 
 class _HTTPError(Exception):
@@ -106,7 +107,7 @@ def create_app(engine: Engine, base_name: str, *, allowed_dir: str | Path | None
         return model
 
     async def respond(body: CompletionRequest | ChatRequest, prompt_ids: list[int], max_tokens: int | None,
-                      chat: bool) -> Any:
+                      chat: bool, raw: Request) -> Any:
         adapter = adapter_of(body.model)
         room = engine.context - len(prompt_ids)
         if room <= 0:
@@ -122,31 +123,34 @@ def create_app(engine: Engine, base_name: str, *, allowed_dir: str | Path | None
         reply = Reply(body.model, chat, len(prompt_ids))
         if body.stream:
             return StreamingResponse(_sse(engine, request, queue, reply), media_type="text/event-stream")
-        outputs: list[Output] = []
-        try:
-            while not outputs or outputs[-1].finish_reason is None:
-                outputs.append(await queue.get())
-        except asyncio.CancelledError:
-            engine.abort(request)
-            raise
+        outputs = await collect(engine, request, queue, raw.is_disconnected)
+        if outputs is None:
+            return JSONResponse(error_body("the client went away", "request_aborted", 499), 499)
         if outputs[-1].finish_reason == "error":
             raise _HTTPError(500, outputs[-1].text or "generation failed", "server_error")
         return reply.whole(outputs)
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest) -> Any:
-        ids = body.prompt if isinstance(body.prompt, list) else engine.tokenizer(body.prompt).input_ids
-        return await respond(body, list(ids), body.max_tokens, chat=False)
+    async def completions(body: CompletionRequest, raw: Request) -> Any:
+        if isinstance(body.prompt, list):
+            ids = body.prompt
+        else:  # tokenising runs off the event loop: a long prompt must not stall every other connection
+            ids = await asyncio.to_thread(lambda: engine.tokenizer(body.prompt).input_ids)
+        return await respond(body, list(ids), body.max_tokens, chat=False, raw=raw)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatRequest) -> Any:
+    async def chat_completions(body: ChatRequest, raw: Request) -> Any:
         tokenizer = engine.tokenizer
         if not getattr(tokenizer, "chat_template", None):
             raise _HTTPError(400, "this model's tokenizer has no chat template; use /v1/completions")
-        text = tokenizer.apply_chat_template([m.model_dump() for m in body.messages], tokenize=False,
-                                             add_generation_prompt=True)
-        ids = tokenizer(text, add_special_tokens=False).input_ids
-        return await respond(body, ids, body.max_completion_tokens or body.max_tokens, chat=True)
+
+        def encode() -> list[int]:
+            text = tokenizer.apply_chat_template([m.model_dump() for m in body.messages], tokenize=False,
+                                                 add_generation_prompt=True)
+            return tokenizer(text, add_special_tokens=False).input_ids
+
+        ids = await asyncio.to_thread(encode)
+        return await respond(body, ids, body.max_completion_tokens or body.max_tokens, chat=True, raw=raw)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -194,6 +198,30 @@ def create_app(engine: Engine, base_name: str, *, allowed_dir: str | Path | None
         return PlainTextResponse(engine.metrics.render(), media_type="text/plain; version=0.0.4")
 
     return app
+
+
+async def collect(engine: Engine, request: Any, queue: asyncio.Queue,
+                  disconnected: Callable[[], Awaitable[bool]]) -> list[Output] | None:
+    """A non-streaming request's outputs up to its finish; ``None`` when its client went away first (checked every
+    :data:`DISCONNECT_POLL_S` seconds while waiting), and then the request is aborted, freeing its batch slot."""
+    outputs: list[Output] = []
+    pending = asyncio.ensure_future(queue.get())  # kept across polls: a timed-out wait never loses an output
+    try:
+        while True:
+            done, _ = await asyncio.wait({pending}, timeout=DISCONNECT_POLL_S)
+            if done:
+                outputs.append(pending.result())
+                if outputs[-1].finish_reason is not None:
+                    return outputs
+                pending = asyncio.ensure_future(queue.get())
+            elif await disconnected():
+                engine.abort(request)
+                return None
+    except asyncio.CancelledError:
+        engine.abort(request)
+        raise
+    finally:
+        pending.cancel()
 
 
 async def _sse(engine: Engine, request: Any, queue: asyncio.Queue, reply: Reply) -> AsyncIterator[str]:
