@@ -149,3 +149,34 @@ def test_embedded_default_data_has_three_distinct_single_labelled_classes() -> N
     records = default_records()
     assert {r["label"] for r in records} == {"negative", "neutral", "positive"}
     assert len({r["text"] for r in records}) == len(records) > 10_000
+
+
+def test_resume_falls_back_past_a_corrupt_checkpoint_and_a_torn_metrics_line(model_dir: Path, texts: Path,
+                                                                            tmp_path: Path) -> None:
+    from lorakit.train.checkpoint import TRAINER_FILE
+
+    finetune(lm_options(model_dir, texts, tmp_path / "straight", save_every=3))
+
+    def interrupt(trainer: Trainer, result: StepResult) -> None:
+        if result.step == 5:
+            raise KeyboardInterrupt
+
+    run = tmp_path / "crashed"
+    with pytest.raises(KeyboardInterrupt):
+        finetune(lm_options(model_dir, texts, run, save_every=3), callbacks=[interrupt])
+    (run / "checkpoint-5" / TRAINER_FILE).write_bytes(b"\x00 torn by a crash")  # the newest checkpoint is corrupt
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "step", "st')  # and the last metrics line was cut mid-write
+    finetune(lm_options(model_dir, texts, run, save_every=3, resume=True))
+    assert step_losses(run) == step_losses(tmp_path / "straight")  # resumed from checkpoint-3, same result
+    for key, value in adapter(tmp_path / "straight").items():
+        assert torch.equal(adapter(run)[key], value), key
+
+
+def test_overwrite_removes_only_what_a_run_wrote(model_dir: Path, texts: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    finetune(lm_options(model_dir, texts, run, steps=2, save_every=1))
+    (run / "notes.txt").write_text("mine")
+    finetune(lm_options(model_dir, texts, run, steps=1, overwrite=True))
+    assert (run / "notes.txt").read_text() == "mine"
+    assert not list(run.glob("checkpoint-*")) and len(step_losses(run)) == 1

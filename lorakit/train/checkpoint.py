@@ -73,10 +73,20 @@ def prepare_output(output: Path, run: dict[str, Any], *, resume: bool, overwrite
     return None
 
 
+# What a run writes into its output folder (adapter, full model, mixture, tokenizer, logs): ``--overwrite`` removes
+# these and leaves anything else a user put there.
+RUN_OUTPUTS = ("run.json", "metrics.jsonl", "loss.png", "checkpoint-*", ".checkpoint-*", "adapter_*",
+               "model*.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
+               "tokenizer*", "special_tokens_map.json", "chat_template.*", "vocab.*", "merges.txt",
+               "added_tokens.json", "mixture.json", "router", "experts")
+
+
 def start_run(output: Path, run: dict[str, Any], *, fresh: bool) -> None:
-    """Create ``output`` (emptied first when ``fresh`` and it holds an old run) and record the run's settings."""
+    """Create ``output`` (an old run's files removed first when ``fresh``) and record the run's settings."""
     if fresh and (output / RUN_FILE).is_file():
-        shutil.rmtree(output)
+        for pattern in RUN_OUTPUTS:
+            for path in output.glob(pattern):
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
     output.mkdir(parents=True, exist_ok=True)
     if fresh:
         write_json(output / RUN_FILE, run)
@@ -151,9 +161,22 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
     def read(self) -> list[dict[str, Any]]:
+        """The records; a torn last line (a run killed mid-write) is dropped, a corrupt earlier one refused."""
         if not self.path.is_file():
             return []
-        return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        lines = [line for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+        records = []
+        for i, line in enumerate(lines):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                if i == len(lines) - 1:
+                    break  # the write a kill interrupted; rewind() drops it from the file
+                raise TrainingError(f"{self.path}: line {i + 1} is not JSON; the metrics log is corrupt") from None
+            if not isinstance(record, dict) or "kind" not in record:
+                raise TrainingError(f"{self.path}: line {i + 1} is not a metrics record")
+            records.append(record)
+        return records
 
     def rewind(self, step: int) -> None:
         """Keep what a resumption from ``step`` keeps: steps up to ``step`` and the evaluation before training."""

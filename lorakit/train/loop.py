@@ -8,6 +8,8 @@ and equals 2 processes with ``--batch-size 8`` (up to floating-point rounding).
 from __future__ import annotations
 
 import contextlib
+import logging
+import pickle
 import signal
 import threading
 import time
@@ -19,14 +21,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..errors import LorakitError
 from ..hooks import TrainingHook
-from .checkpoint import METRICS_FILE, MetricsLog, load_checkpoint, save_checkpoint
+from .checkpoint import METRICS_FILE, MetricsLog, checkpoints, load_checkpoint, save_checkpoint
 from .data import BatchOrder
 from .ddp import SINGLE, World, sync_gradients
-from .errors import explain_out_of_memory
+from .errors import TrainingError, explain_out_of_memory
 from .steps import AdapterSteps, TrainConfig
 from .tasks import Example, Task
 from .trained import trained_parameters
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -78,6 +83,19 @@ class Trainer(AdapterSteps):
         self.order = BatchOrder(len(examples), config.global_batch, config.seed)
         self.log = MetricsLog(output / METRICS_FILE, enabled=world.main)
         self.last_checkpoint: Path | None = None
+
+    def resume_latest(self) -> Path:
+        """Continue from the newest checkpoint of the run that loads; a corrupt one (a crash during its write, a bad
+        disk) is reported and the one before it tried. Returns the checkpoint used."""
+        found = checkpoints(self.output)
+        for checkpoint in reversed(found):
+            try:
+                self.resume(checkpoint)
+                return checkpoint
+            except (LorakitError, OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as err:
+                log.warning("checkpoint %s cannot be loaded (%s); trying the one before it", checkpoint, err)
+        raise TrainingError(f"--resume: none of the checkpoints in {self.output} loads "
+                            f"({', '.join(p.name for p in found) or 'none'})")
 
     def resume(self, checkpoint: Path) -> None:
         """Continue from ``checkpoint`` (RNG restored in the main process; others are re-seeded per rank)."""

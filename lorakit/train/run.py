@@ -202,7 +202,7 @@ def _finetune(opts: Options, world: World, started: float, callbacks: Sequence[C
     trainer = Trainer(prepared.model, prepared.task, prepared.train, config, output, world, callbacks,
                       [*method_hooks, *option_hooks(opts), *hooks])
     if checkpoint is not None:
-        trainer.resume(checkpoint)
+        trainer.resume_latest()
     log = trainer.log
     if _logged_before(output) is None:
         log.write({"kind": "eval", "when": "before", **before})
