@@ -208,3 +208,15 @@ def test_a_file_cannot_order_unbounded_svd_work(tmp_path):
     with pytest.raises(lorakit.ConfigError, match="niter"):
         lorakit.adapt(tiny_llama(0), lorakit.LoraConfig(r=2, targets=["q_proj"], init="pissa",
                                                          init_options={"niter": 10**6}))
+
+
+def test_atomic_writes_reach_the_disk_before_and_after_the_rename(tmp_path, monkeypatch):
+    import os
+
+    from lorakit.io import files
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real(fd))
+    files.write_json(tmp_path / "a.json", {"x": 1})
+    assert len(synced) == 2 and synced[0].startswith(str(tmp_path / ".a.json.")) and synced[1] == str(tmp_path)

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..hooks import TrainingHook
 from ..io.adapter_files import WEIGHTS_FILE, reproducible_from_file, save_adapter
-from ..io.files import read_json, read_safetensors, write_json, write_safetensors
+from ..io.files import fsync_path, read_json, read_safetensors, write_json, write_safetensors
 from .errors import TrainingError
 from .mixture import is_mixture
 from .trained import MODEL_FILE, full_state, is_full, trained_state, weights_file
@@ -107,10 +107,13 @@ def save_checkpoint(output: Path, model: nn.Module, optimizer: torch.optim.Optim
         rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng,
                     "hooks": hooks_state or {}}, tmp / TRAINER_FILE)
+        fsync_path(tmp / TRAINER_FILE)
         write_json(tmp / STATE_FILE, state)
+        fsync_path(tmp)
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
+        fsync_path(output)  # the rename itself reaches the disk
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for old in checkpoints(output)[:-KEEP]:
