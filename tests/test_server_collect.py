@@ -48,3 +48,21 @@ def test_outputs_arriving_between_polls_are_all_collected(monkeypatch):
 
     outputs = run(scenario())
     assert [o.token_ids for o in outputs] == [[0], [1], [2]] and not engine.aborted
+
+
+def test_an_unexpected_error_is_an_openai_shaped_500():
+    from fastapi.testclient import TestClient
+
+    from lorakit.serve.server import create_app
+
+    class Broken:
+        def __call__(self, text):
+            raise RuntimeError("tokenizer exploded")
+
+    class FakeEngine:
+        tokenizer = Broken()
+
+    client = TestClient(create_app(FakeEngine(), "base"), raise_server_exceptions=False)
+    reply = client.post("/v1/completions", json={"model": "base", "prompt": "hi", "max_tokens": 2})
+    assert reply.status_code == 500
+    assert reply.json()["error"]["type"] == "server_error" and "tokenizer exploded" in reply.json()["error"]["message"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable
@@ -33,6 +34,7 @@ from .protocol import (
     error_body,
 )
 
+log = logging.getLogger(__name__)
 RETRY_AFTER_S = 1
 DISCONNECT_POLL_S = 0.5  # how often a waiting non-streaming request checks that its client is still there
 
@@ -92,6 +94,11 @@ def create_app(engine: Engine, base_name: str, *, allowed_dir: str | Path | None
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         parts = [f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors()]
         return JSONResponse(error_body("invalid request: " + "; ".join(parts), "invalid_request_error", 400), 400)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error in a request")
+        return JSONResponse(error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error", 500), 500)
 
     @app.exception_handler(_HTTPError)
     async def _http_error(_: Request, exc: _HTTPError) -> JSONResponse:
