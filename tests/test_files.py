@@ -9,14 +9,17 @@ from safetensors.torch import load_file, save_file
 from zoo import perturb, tiny_llama
 
 import lorakit
-from lorakit.io.adapter_files import CONFIG_FILE, WEIGHTS_FILE
+from lorakit.io.adapter_files import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE
 
 
 @pytest.fixture
 def saved(tmp_path):
+    """A saved adapter whose files the tests below damage one at a time; without lorakit's manifest (as PEFT writes
+    it), which would catch every damage first (tested on its own)."""
     model = lorakit.adapt(tiny_llama(), lorakit.LoraConfig(r=4, targets=["q_proj", "v_proj"]))
     perturb(model)
     lorakit.save_adapter(model, tmp_path)
+    (tmp_path / MANIFEST_FILE).unlink()
     return tmp_path
 
 
@@ -192,7 +195,7 @@ def test_a_hostile_rank_is_refused_before_anything_is_allocated(tmp_path):
     for hostile in ({"r": 10**9}, {"rank_pattern": {"q_proj": 10**8}}):
         (tmp_path / CONFIG_FILE).write_text(json.dumps({**config, **hostile}))
         fresh = tiny_llama(0)
-        with pytest.raises(lorakit.AdapterFileError, match="widest dimension"):
+        with pytest.raises(lorakit.AdapterFileError, match="bound on ranks"):
             lorakit.load_adapter(fresh, tmp_path)
         assert not lorakit.configs(fresh)
 
@@ -220,3 +223,18 @@ def test_atomic_writes_reach_the_disk_before_and_after_the_rename(tmp_path, monk
     monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real(fd))
     files.write_json(tmp_path / "a.json", {"x": 1})
     assert len(synced) == 2 and synced[0].startswith(str(tmp_path / ".a.json.")) and synced[1] == str(tmp_path)
+
+
+def test_a_save_torn_between_its_two_files_is_detected(tmp_path):
+    model = tiny_llama(0)
+    lorakit.adapt(model, lorakit.LoraConfig(r=2, targets=["q_proj"]))
+    perturb(model)
+    lorakit.save_adapter(model, tmp_path)
+    old_config = (tmp_path / CONFIG_FILE).read_text()
+    lorakit.adapt(model, lorakit.LoraConfig(r=4, targets=["q_proj", "v_proj"]), "other")
+    lorakit.save_adapter(model, tmp_path / "new", "other")
+    (tmp_path / WEIGHTS_FILE).write_bytes((tmp_path / "new" / WEIGHTS_FILE).read_bytes())  # crash after the weights
+    assert (tmp_path / CONFIG_FILE).read_text() == old_config and (tmp_path / MANIFEST_FILE).is_file()
+    with pytest.raises(lorakit.AdapterFileError, match="torn"):
+        lorakit.load_adapter(tiny_llama(0), tmp_path)
+    lorakit.load_adapter(tiny_llama(0), tmp_path / "new")  # a whole save loads

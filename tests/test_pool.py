@@ -11,7 +11,7 @@ from zoo import perturb, tiny_llama
 
 import lorakit
 import lorakit.pool as pool_module
-from lorakit.io.adapter_files import CONFIG_FILE, WEIGHTS_FILE
+from lorakit.io.adapter_files import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE
 
 peft = pytest.importorskip("peft")  # a dev dependency: always installed by `make test`
 
@@ -194,6 +194,7 @@ def test_path_traversal_and_symlinks_are_refused(tmp_path):
 @pytest.mark.parametrize("damage", ["missing", "corrupt", "pickle", "foreign_keys", "wrong_shape"])
 def test_bad_files_are_clear_errors_and_leave_the_model_alone(tmp_path, damage):
     path = save_adapters(tmp_path, {"x": lorakit.LoraConfig(r=2, targets=["q_proj"])})["x"]
+    (path / MANIFEST_FILE).unlink()  # each damage checked on its own (the manifest would catch all of them first)
     weights = path / WEIGHTS_FILE
     if damage == "missing":
         path = tmp_path / "nowhere"

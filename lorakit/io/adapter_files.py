@@ -12,6 +12,7 @@ State shared by all layers of an adapter (:class:`~lorakit.methods.base.SharedSt
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import warnings
 from pathlib import Path
@@ -33,6 +34,8 @@ from .peft_format import PeftFormat, common_fields
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+MIN_RANK_BOUND = 4096  # ranks a file may ask for even on a narrow model
+MANIFEST_FILE = "lorakit_manifest.json"  # digests of the two files, written after them (a torn save is detected)
 PREFIX = "base_model.model."
 SHARED_PREFIX = f"{SHARED}."
 FORMATS: dict[str, PeftFormat] = {
@@ -66,14 +69,16 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
 def _check_sizes(model: nn.Module, config: AdapterConfig, source: Path) -> None:
     """Refuse ranks beyond the model's widest dimension before anything is allocated from them (a file's config is
     untrusted: ``r = 10**9`` would allocate before the tensors' shapes are compared)."""
-    widest = max((max(p.shape) for p in model.parameters() if p.dim()), default=0)
+    widest = max((max(p.shape[0], p.numel() // max(p.shape[0], 1)) for p in model.parameters() if p.dim()),
+                 default=0)  # a layer's output units or inputs per unit (a convolution's channels x kernel)
+    bound = max(widest, MIN_RANK_BOUND)  # RandLoRA's bases may exceed a small layer's width; sizes stay small
     sizes = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
              if f.name == "r" or f.name.endswith(("_r", "_rank"))}
     sizes.update({f"rank_pattern[{k!r}]": v for k, v in dict(getattr(config, "rank_pattern", {}) or {}).items()})
-    too_big = {k: v for k, v in sizes.items() if isinstance(v, int) and v > widest}
+    too_big = {k: v for k, v in sizes.items() if isinstance(v, int) and v > bound}
     if too_big:
-        raise AdapterFileError(f"{source}: {too_big} exceed the model's widest dimension ({widest}); a rank cannot be "
-                               f"larger, so the adapter is refused before anything is allocated")
+        raise AdapterFileError(f"{source}: {too_big} exceed the bound on ranks ({bound}: the model's widest dimension, "
+                               f"at least {MIN_RANK_BOUND}); the adapter is refused before anything is allocated")
 
 
 def _target_modules(model: nn.Module, paths: list[str]) -> list[str] | str:
@@ -115,7 +120,33 @@ def save_adapter(model: nn.Module, directory: str | Path, name: str = "default")
         tensors = fmt.to_file(tensors, config)
     write_safetensors(directory / WEIGHTS_FILE, tensors, metadata)
     write_json(directory / CONFIG_FILE, peft)
+    write_json(directory / MANIFEST_FILE, {"files": {f: file_digest(directory / f) for f in (WEIGHTS_FILE,
+                                                                                              CONFIG_FILE)}})
     return directory
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_manifest(directory: Path) -> None:
+    """A folder lorakit saved carries the digests of its two files, written after them: a save torn between the
+    two writes (or a file changed since) no longer matches and is refused. Folders without one (PEFT's) pass."""
+    if not (directory / MANIFEST_FILE).is_file():
+        return
+    files = read_json(directory / MANIFEST_FILE).get("files")
+    if not isinstance(files, dict):
+        raise AdapterFileError(f"{directory / MANIFEST_FILE}: needs a 'files' object of digests")
+    for name, digest in files.items():
+        if name not in (WEIGHTS_FILE, CONFIG_FILE) or not (directory / name).is_file() \
+                or file_digest(directory / name) != digest:
+            raise AdapterFileError(f"{directory / name} does not match the manifest saved with it: the save was "
+                                   f"torn or the file changed since; save the adapter again")
 
 
 def _config_from_files(directory: Path, metadata: dict[str, str]) -> AdapterConfig:
@@ -170,6 +201,7 @@ def read_adapter(directory: str | Path) -> tuple[AdapterConfig, dict[str, torch.
         pickles = [p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES]
         hint = f"; found pickle files {pickles}, which lorakit refuses to read" if pickles else ""
         raise AdapterFileError(f"{directory} has no {WEIGHTS_FILE}{hint}")
+    check_manifest(directory)
     tensors, metadata = read_safetensors(directory / WEIGHTS_FILE)
     config = _config_from_files(directory, metadata)
     fmt = peft_format(config)
