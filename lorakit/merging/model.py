@@ -5,10 +5,12 @@
 
 Each layer's update of each adapter is its ``factors()`` (exactly low-rank methods) or its dense ``delta_weight``
 (any other method), so adapters of different methods and ranks merge together; a layer some adapters do not touch
-merges the others' updates there. The rule's result (:mod:`lorakit.merging.rules`) becomes the new adapter's factors:
-exact (``cat``; the others at full rank), or truncated by ``rank`` / ``energy``. The returned report gives, per
-layer, the relative error ``||delta_merged - target|| / ||target||`` against the rule's own result and against the
-plain weighted sum ``sum_i w_i delta_i`` (0 for exact rules: the number that says what a rule changed).
+merges the others' updates there. The rule's result (:mod:`lorakit.merging.rules`) becomes the new adapter's
+factors: exact for ``cat`` / ``linear`` / ``svd`` (or truncated by ``rank`` / ``energy``); the dense results of TIES,
+DARE and magnitude pruning are truncated to ``rank`` (default: the sum of the inputs' ranks, what ``cat`` holds). The
+returned report gives, per layer, the relative error ``||delta_merged - target|| / ||target||`` against the rule's
+own result and against the plain weighted sum ``sum_i w_i delta_i`` (0 for exact rules: the number that says what a
+rule changed).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from ..errors import LorakitError, require
 from ..hosts.host import HostLayer, hosts
 from ..inject import _check_names, configs
 from ..io.export import attach_factors
-from .rules import Update, apply_rule, linear, refactor, relative_error
+from .rules import Update, apply_rule, dense_shape, linear, refactor, relative_error
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,10 @@ def merge_adapters(model: nn.Module, names: Sequence[str], weights: Sequence[flo
         updates = [layer_update(host, n) for n, _ in present]
         ws = [w for _, w in present]
         result = apply_rule(rule, updates, ws, **options)
-        factors[host.path] = refactor(result, rank, energy)
+        cap = rank
+        if cap is None and energy is None and isinstance(result, Tensor):  # a dense result (TIES, DARE, pruning)
+            cap = sum(min(dense_shape(u)) if isinstance(u, Tensor) else u[1].shape[0] for u in updates)
+        factors[host.path] = refactor(result, cap, energy)
         ranks[host.path] = factors[host.path][1].shape[0]
         rule_error[host.path] = relative_error(factors[host.path], result)
         sum_error[host.path] = relative_error(factors[host.path], linear(updates, ws))
