@@ -208,6 +208,8 @@ def test_bad_requests_are_refused_with_clear_errors():
         engine.submit([5, 96], None, SamplingParams(), print)
     with pytest.raises(lorakit.ConfigError, match="top_p"):
         SamplingParams(top_p=0.0)
+    with pytest.raises(lorakit.ConfigError, match="at most 4096 characters of stop strings"):
+        SamplingParams(stop=("x" * 20_000,) * 16)
 
 
 def test_adapter_pool_with_fewer_slots_than_adapters_equals_generate(tmp_path):

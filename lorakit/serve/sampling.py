@@ -18,6 +18,7 @@ from ..errors import require
 
 MIN_TEMPERATURE = 1e-5  # below it, sampling is greedy
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a 64-bit integer
+MAX_STOP_CHARS = 4096  # all stop strings of a request together
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,8 @@ class SamplingParams:
         require(0.0 < self.top_p <= 1.0, "top_p", self.top_p, "must be in (0, 1]")
         require(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop, "must be non-empty strings")
         require(len(self.stop) <= 16, "stop", self.stop, "at most 16 stop strings")
+        require(sum(len(s) for s in self.stop) <= MAX_STOP_CHARS, "stop", f"{sum(len(s) for s in self.stop)} chars",
+                f"at most {MAX_STOP_CHARS} characters of stop strings in all (each step rescans the text they span)")
         require(self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed <= MAX_SEED), "seed", self.seed,
                 f"must be an integer in [0, {MAX_SEED}]")
 
