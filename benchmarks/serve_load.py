@@ -42,7 +42,8 @@ def save_adapters(model_dir: Path, root: Path) -> None:
 
 
 def start_server(model_dir: Path, adapters: Path, max_waiting: int) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "lorakit", "serve", "--model", str(model_dir), "--port", "0", "--max-batch", "8",
+    cmd = [sys.executable, "-m", "lorakit", "serve", "--model", str(model_dir), "--served-model-name", "tiny",
+           "--port", "0", "--max-batch", "8",
            "--max-waiting", str(max_waiting), "--max-resident", "4", "--allowed-dir", str(adapters),
            *[a for name in ADAPTERS for a in ("--adapter", f"{name}={adapters / name}")]]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -131,7 +132,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--measure", type=float, default=10, help="seconds of the capacity measurement")
-    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--max-waiting", type=int, default=32)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
