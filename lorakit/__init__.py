@@ -6,6 +6,7 @@
     lorakit.save_adapter(model, "out/")
 """
 from . import (
+    compose,  # noqa: F401  (registers AutoLoRA's router kind)
     mixtures,  # noqa: F401  (registers the mixtures' router kinds)
     rank,  # noqa: F401  (registers the rank-allocation methods' training rules)
 )

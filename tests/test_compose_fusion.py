@@ -376,3 +376,20 @@ def test_break_and_make_refuse_bad_arguments():
     lorakit.adapt(unet, lorakit.LoraConfig(r=1, targets=["to_v"]), "elsewhere")
     with pytest.raises(LorakitError, match="same layers"):
         make(unet, "content", "elsewhere", "made")
+
+
+def test_gates_save_and_reload_as_a_router(tmp_path):
+    from lorakit.io.routers import load_router, save_router
+
+    unet = unet_with(["a", "b"], ["to_q", "to_v"])
+    fusion = lorakit.add_router(unet, "fusion", gated_fusion(unet, ["a", "b"]))
+    with torch.no_grad():
+        for p in fusion.parameters():
+            p.normal_(0, 1.0, generator=torch.Generator().manual_seed(0))
+    save_router(unet, tmp_path, "fusion")
+    lorakit.delete_router(unet, "fusion")
+    loaded = load_router(unet, tmp_path, "again")
+    for layer in loaded.keys:
+        x = torch.randn(2, 5, loaded.gates[loaded.keys[layer]].in_features - loaded.t_dim)
+        fusion.set_timestep(300), loaded.set_timestep(300)
+        torch.testing.assert_close(loaded(layer, x), fusion(layer, x))

@@ -9,3 +9,4 @@
 
 All of them weigh adapters through :func:`lorakit.mix` (weighted routing) or plain adapters; none touches the base.
 """
+from . import gated_fusion  # noqa: F401  (registers the "gated_fusion" router kind for load_router)

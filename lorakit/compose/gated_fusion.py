@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -37,12 +37,14 @@ from torch import Tensor, nn
 
 from ..errors import LorakitError, require
 from ..hosts.host import hosts
+from ..routing.routers import ROUTER_KINDS
 
 # (down, up) key endings of a flattened LoRA state dict: PEFT / lorakit, PEFT embeddings, kohya / diffusers
 FACTOR_KEYS = ((".lora_A.weight", ".lora_B.weight"), (".lora_embedding_A", ".lora_embedding_B"),
                (".lora_down.weight", ".lora_up.weight"))
 
 
+@ROUTER_KINDS.decorator("gated_fusion")
 class GatedFusion(nn.Module):
     """Gates ``g(l, t, x) = 2 sigmoid(G_l [x ; phi(t)])`` over ``n`` adapters; a router ``(path, x) -> (*tokens, n)``.
 
@@ -65,6 +67,14 @@ class GatedFusion(nn.Module):
             nn.init.zeros_(gate.weight)
         self.timestep: float | None = None
         self.overrides: dict[tuple[str, float], Tensor] = {}
+
+    kind = "gated_fusion"
+
+    def config(self) -> dict[str, Any]:
+        """What rebuilds these gates (saved beside their tensors by :func:`lorakit.io.routers.save_router`; the
+        per-(layer, timestep) overrides are not saved)."""
+        return {"n": self.n, "layers": {p: self.gates[k].in_features - self.t_dim for p, k in self.keys.items()},
+                "t_dim": self.t_dim}
 
     def set_timestep(self, t: float | Tensor) -> None:
         """The diffusion timestep of the coming forward passes (the sampling loop sets it before each step)."""
