@@ -327,6 +327,49 @@ def test_flexora_starts_as_lora_and_keeps_adapters_only_in_the_selected_layers()
     assert all(not h.adapters or h.path.startswith(layer + ".") for h in hosts(model))
 
 
+def test_flexora_scales_learn_through_the_fused_lora_path() -> None:
+    """The scales weigh the adapter inside each layer's forward: one search step moves every one of them (they
+    stayed exactly 1.0 when they were hooks around adapter modules that the fused kernel bypasses)."""
+    model = perturbed(adapted("lora", r=2))
+    opt = optimizer_of(model, lr=0.01)
+    hook = FlexoraHook(loss_of, search_steps=5, keep=1, alpha_lr=0.1)
+    run(model, HookList([hook]), opt, steps=1)
+    assert hook.alphas and all(float(a) != 1.0 for a in hook.alphas.values())
+
+
+class Parallel(nn.Module):
+    """Four blocks, each reading its own slice of the input: ``y = sum_l blocks[l].lin(x[:, l])``."""
+
+    def __init__(self, blocks: int = 4, d: int = 8) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.ModuleDict({"lin": nn.Linear(d, d, bias=False)}) for _ in range(blocks))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sum(block["lin"](x[:, i]) for i, block in enumerate(self.blocks))
+
+
+def test_flexora_selects_the_block_the_task_needs() -> None:
+    torch.manual_seed(0)
+    model = Parallel()
+    g = torch.Generator().manual_seed(1)
+    shift = torch.randn(8, 2, generator=g) @ torch.randn(2, 8, generator=g)  # what only block 2 can learn
+    x_train, x_val = torch.randn(64, 4, 8, generator=g), torch.randn(64, 4, 8, generator=g)
+    with torch.no_grad():
+        y_train, y_val = model(x_train) + x_train[:, 2] @ shift.T, model(x_val) + x_val[:, 2] @ shift.T
+    lorakit.adapt(model, lorakit.LoraConfig(r=2, targets=["lin"]))
+    opt = torch.optim.AdamW(list(lorakit.trainable_parameters(model).values()), lr=0.05, weight_decay=0.0)
+    hook = FlexoraHook(lambda m: (m(x_val) - y_val).pow(2).mean(), search_steps=30, keep=1, alpha_lr=0.05)
+    hooks = HookList([hook])
+    hooks.on_train_begin(model, opt)
+    for step in range(30):
+        (model(x_train) - y_train).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        hooks.after_step(model, opt, step + 1)
+    assert hook.selected == ["blocks.2"]
+    assert {h.path for h in hosts(model) if "default" in h.adapters} == {"blocks.2.lin"}
+
+
 def test_colora_allocates_the_budget_by_contribution_and_drops_zero_layers() -> None:
     ranks = allocate_ranks({"a": 3.0, "b": 1.0, "c": 0.0, "d": 4.0}, budget=16)
     assert ranks == {"a": 6, "b": 2, "c": 0, "d": 8}

@@ -2,7 +2,11 @@
 optimisation, then train only those.
 
 During a search phase every layer ``l`` (a transformer block: the host paths up to their first numeric component,
-e.g. ``model.layers.3``) scales its adapters' outputs by a scalar ``α_l`` (1 at start, so the model is plain LoRA).
+e.g. ``model.layers.3``) computes ``W x + α_l delta(x)``: the scalar ``α_l`` (1 at start, so the model is plain LoRA)
+weighs the adapter's contribution inside each host layer's forward -- a
+:class:`~lorakit.routing.weighted.WeightedRouting` installed on the adapter's layers for the search, never a hook
+around the adapter module, which the fused LoRA kernel bypasses (the scales then never received a gradient). During
+the search only adapter ``name`` acts on its layers.
 The adapter is trained on the training loss by the trainer; after each step the ``α`` take one Adam step on the
 *validation* loss (``val_loss(model)``), the first-order approximation of the paper's unrolled differentiation
 (DARTS first order: the LoRA weights are treated as constants of ``α``). At ``search_steps`` the ``keep`` layers
@@ -22,6 +26,7 @@ from ..errors import LorakitError, require
 from ..hooks import TrainingHook, optimized_parameters, replace_parameter
 from ..hosts.host import HostLayer
 from ..inject import hosts
+from ..routing.weighted import WeightedRouting
 
 
 def block_of(path: str) -> str:
@@ -42,7 +47,7 @@ class FlexoraHook(TrainingHook):
         self.alpha_lr, self.layer_of = alpha_lr, layer_of
         self.alphas: dict[str, nn.Parameter] = {}
         self.selected: list[str] | None = None
-        self._handles: list[Any] = []
+        self._previous: dict[HostLayer, Any] = {}  # each searched layer's routing before the search
         self._alpha_opt: torch.optim.Optimizer | None = None
 
     def _layers(self, model: nn.Module) -> dict[str, list[HostLayer]]:
@@ -55,17 +60,16 @@ class FlexoraHook(TrainingHook):
         return grouped
 
     def on_train_begin(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        if self.selected is not None or self._handles:
+        if self.selected is not None or self._previous:
             return
         layers = self._layers(model)
         require(self.keep <= len(layers), "keep", self.keep, f"must be at most the number of layers ({len(layers)})")
         device = next(iter(layers.values()))[0].backend.weight().device
-        for layer, layer_hosts in layers.items():
-            alpha = nn.Parameter(torch.ones((), device=device))
-            self.alphas[layer] = alpha
+        self.alphas = {layer: nn.Parameter(torch.ones((), device=device)) for layer in layers}
+        scaled = WeightedRouting([self.name], lambda path, x: self.alphas[self.layer_of(path)].reshape(1), "dense")
+        for layer_hosts in layers.values():
             for host in layer_hosts:
-                scale = (lambda a: lambda module, args, out: out * a.to(out.dtype))(alpha)
-                self._handles.append(host.adapters[self.name].register_forward_hook(scale))
+                self._previous[host], host.routing = host.routing, scaled
         self._alpha_opt = torch.optim.Adam(list(self.alphas.values()), lr=self.alpha_lr)
 
     def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
@@ -74,7 +78,7 @@ class FlexoraHook(TrainingHook):
         if step <= self.search_steps:
             self._alpha_opt.zero_grad(set_to_none=True)
             trained = optimized_parameters(optimizer)
-            grads = torch.autograd.grad(self.val_loss(model), list(self.alphas.values()), allow_unused=True)
+            grads = torch.autograd.grad(self.val_loss(model), list(self.alphas.values()))
             for alpha, grad in zip(self.alphas.values(), grads):
                 alpha.grad = grad
             self._alpha_opt.step()
@@ -97,9 +101,9 @@ class FlexoraHook(TrainingHook):
                         replace_parameter(optimizer, p, None)
                     p.requires_grad_(False)
                 host.remove(self.name)
-        for handle in self._handles:
-            handle.remove()
-        self._handles, self.alphas, self._alpha_opt = [], {}, None
+        for host, routing in self._previous.items():
+            host.routing = routing
+        self._previous, self.alphas, self._alpha_opt = {}, {}, None
         return self.selected
 
     def state_dict(self) -> dict[str, Any]:
