@@ -309,8 +309,10 @@ def test_cp_dora_on_a_linear_layer_is_dora():
 # -- Block-LoRA -----------------------------------------------------------------------------------------------------
 def test_block_lora_equals_lora_with_concatenated_blocks_and_a_repeated_shared_down_projection():
     model, host, bl = adapted(torch.nn.Linear(12, 10), "block-lora", r=6, n=3, alpha=6)
-    a_s, blocks = bl.block_A.detach(), bl.block_B.detach()  # (2, 12), (3, 10, 2)
-    b_full = torch.cat(list(blocks), dim=1)  # [B_1 B_2 B_3]: (10, 6)
+    a_s, b_sum = bl.block_A.detach(), bl.block_B.detach()  # (2, 12), (10, 2): B = B_1 + B_2 + B_3 stored once
+    blocks = [torch.randn_like(b_sum), torch.randn_like(b_sum)]
+    blocks.append(b_sum - blocks[0] - blocks[1])  # any three blocks with that sum
+    b_full = torch.cat(blocks, dim=1)  # [B_1 B_2 B_3]: (10, 6)
     a_full = torch.cat([a_s] * 3, dim=0)  # [A_s; A_s; A_s]: (6, 12)
     dense = b_full @ a_full  # s = 6 / 6
     torch.testing.assert_close(bl.delta_weight(host.backend), dense, atol=1e-5, rtol=1e-5)
@@ -322,7 +324,7 @@ def test_block_lora_equals_lora_with_concatenated_blocks_and_a_repeated_shared_d
 
 def test_block_lora_trainable_count_and_block_rule():
     model, _, _ = adapted(torch.nn.Linear(12, 10), "block-lora", r=6, n=3)
-    assert n_trainable(model) == 3 * 10 * (6 // 3) + (6 // 3) * 12  # n d_out (r/n) + (r/n) d_in
+    assert n_trainable(model) == (6 // 3) * (10 + 12)  # (r/n)(d_out + d_in): the n equal B_i are stored as their sum
     with pytest.raises(lorakit.ConfigError, match="dividing r=6"):
         lorakit.build_config("block-lora", r=6, n=4)
 
