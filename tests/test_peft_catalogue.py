@@ -102,10 +102,3 @@ def perturb_peft(model) -> None:
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.2)
-
-
-def test_peft_bat_files_are_refused(tmp_path):
-    theirs = peft.get_peft_model(tiny_llama(), peft.MissConfig(r=4, init_weights="bat", target_modules="all-linear"))
-    theirs.save_pretrained(tmp_path)
-    with pytest.raises(lorakit.AdapterFileError, match="init_weights='bat'"):
-        lorakit.load_adapter(tiny_llama(), tmp_path)
