@@ -1,20 +1,34 @@
-"""Compacter (Karimi Mahabadi et al., 2021; METHODS.md entry 2): low-rank hypercomplex (LPHM) adapter layers.
+"""Compacter (Karimi Mahabadi et al., 2021, "Compacter: Efficient Low-Rank Hypercomplex Adapter Layers"; METHODS.md
+entry 2): low-rank hypercomplex (LPHM) adapter layers.
 
     PHM(s, t) = sum_{i=1..n} A_i kron (s_i t_i^T),     A_i: (n, n) shared,  s_i: (k_out/n,),  t_i: (k_in/n,)
-    dW = PHM(s_up, t_up) @ PHM(s_down, t_down),        down: (k, d_in),  up: (d_out, k)
+
+Two forms (``CompacterConfig.form``), both with ``D = PHM(s_down, t_down)`` (to the bottleneck ``k``) and
+``U = PHM(s_up, t_up)`` (back out):
+
+* ``"paper"``: the paper's serial bottleneck adapter on the host layer's output ``y = base(x)``,
+  ``h = y + U GeLU(D y)`` (``D: (k, d_out)``, ``U: (d_out, k)``). Non-linear, so neither mergeable nor factorable.
+* ``"parallel"`` (the default): a linear branch beside the layer, ``h = y + U D x`` (``D: (k, d_in)``,
+  ``U: (d_out, k)``), i.e. ``dW = U D``, which merges into the weight and is exactly low rank.
+
+The default stays ``"parallel"`` because existing behaviour depends on it: the method's class-level capabilities
+(which the contract suite reads for the default config) declare it mergeable and factorable, and existing tests
+and users merge it, read ``delta_weight`` / ``factors`` and export it as a plain LoRA. Choose ``form="paper"``
+for the published adapter.
 
 The "slow" rules ``A_i`` (``phm_rule: (n, n, n)``) are one tensor shared by every Compacter layer of the model
 (:class:`CompacterRules`, stored once); each layer trains only the rank-one "fast" factors of its down and up
-projections: ``n (k/n + d_in/n) + n (d_out/n + k/n)`` numbers, plus ``n^3`` shared ones.
+projections: ``n (k/n + d_in/n) + n (d_out/n + k/n)`` numbers (``d_in`` is ``d_out`` in the paper form), plus
+``n^3`` shared ones.
 
 Each PHM product is applied to ``x`` reshaped to ``X: (n, d/n)`` as ``y[p, a] = sum_i s_i[a] sum_q A_i[p, q]
 (t_i . X[q])``: ``O(n (d + k) + n^3)`` per token, never forming a Kronecker product or ``dW``.
 
-Assumed (lorakit adapters add a mergeable update to one layer): the bottleneck is a *parallel* branch on the
-targeted layer with no non-linearity and no PHM biases, so it merges into the weight; the paper inserts serial
-adapters (with GeLU) after the attention and feed-forward blocks. Init (the paper's code uses Glorot-style fast
-weights and small random rules): ``A_i ~ N(0, 1/n)``, fast factors Kaiming-uniform, ``s_up = 0`` so the adapter
-starts as the identity (LoRA's zero ``B``).
+Assumptions: lorakit places an adapter on one targeted layer, so the paper form acts on that layer's output (target
+the attention output and feed-forward output projections for the paper's placement); the residual is the host's
+``y + contribution`` (the paper's adapter has no layer norm of its own); no PHM biases; exact (erf) GeLU. Init (the
+paper's code uses Glorot-style fast weights and small random rules): ``A_i ~ N(0, 1/n)``, fast factors
+Kaiming-uniform, ``s_up = 0`` so ``U = 0`` and the adapter starts as the identity (LoRA's zero ``B``).
 """
 from __future__ import annotations
 
@@ -22,13 +36,17 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import AdapterConfig
-from ..errors import ConfigError, require
+from ..errors import ConfigError, LorakitError, require
 from ..hosts.backend import Backend
 from ..hosts.geometry import Geometry
 from .base import Adapter, Capabilities, SharedState, register_method
+
+
+FORMS = ("parallel", "paper")
 
 
 @dataclass(frozen=True)
@@ -40,11 +58,14 @@ class CompacterConfig(AdapterConfig):
         n: number of Kronecker terms (the hypercomplex dimension); must divide every targeted layer's ``d_in``
             and ``d_out``.
         seed: seed of the shared rules' initialisation.
+        form: ``"parallel"`` (default; linear ``U D x`` beside the layer, mergeable) or ``"paper"`` (the paper's
+            serial bottleneck ``U GeLU(D y)`` on the layer's output ``y``; not mergeable).
     """
 
     r: int = 8
     n: int = 2
     seed: int = 0
+    form: str = "parallel"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -52,6 +73,7 @@ class CompacterConfig(AdapterConfig):
         require(isinstance(self.r, int) and self.r >= 1 and self.r % self.n == 0, "r", self.r,
                 f"must be a positive multiple of n={self.n}")
         require(isinstance(self.seed, int), "seed", self.seed, "must be an integer")
+        require(self.form in FORMS, "form", self.form, f"must be one of {FORMS}")
 
 
 class CompacterRules(SharedState):
@@ -80,9 +102,13 @@ def phm_dense(rule: Tensor, s: Tensor, t: Tensor) -> Tensor:
 
 @register_method("compacter", CompacterConfig)
 class Compacter(Adapter):
-    """``delta(x) = PHM_up(PHM_down(x))`` with shared rules ``A_i`` and per-layer rank-one fast factors."""
+    """``U D x`` (parallel) or ``U GeLU(D base(x))`` (paper) with shared rules ``A_i`` and rank-one fast factors.
+
+    The class-level capabilities are the default (parallel) form's; a paper-form adapter carries its own.
+    """
 
     capabilities = Capabilities(layers=frozenset({"linear"}), factorable=True)
+    paper_capabilities = Capabilities(layers=frozenset({"linear"}), mergeable=False, factorable=False)
 
     @classmethod
     def shared_state(cls, config: AdapterConfig, geometries: list[Geometry]) -> CompacterRules:
@@ -93,7 +119,11 @@ class Compacter(Adapter):
                  shared: CompacterRules) -> None:
         super().__init__(geometry, config, base)
         self.hold_shared(shared)
+        self.paper = config.form == "paper"
+        if self.paper:
+            self.capabilities = self.paper_capabilities
         n, k = config.n, config.r
+        d_down = geometry.d_out if self.paper else geometry.d_in  # what D reads: the layer's output or input
         for name, d in (("d_in", geometry.d_in), ("d_out", geometry.d_out)):
             if d % n:
                 raise ConfigError(f"n={n} is invalid: must divide every targeted layer's {name} "
@@ -103,7 +133,7 @@ class Compacter(Adapter):
         def fast(length: int) -> nn.Parameter:
             return nn.Parameter(torch.empty(n, length // n, device=w.device, dtype=w.dtype))
 
-        self.phm_down_s, self.phm_down_t = fast(k), fast(geometry.d_in)  # (n, k/n), (n, d_in/n)
+        self.phm_down_s, self.phm_down_t = fast(k), fast(d_down)  # (n, k/n), (n, d_down/n)
         self.phm_up_s, self.phm_up_t = fast(geometry.d_out), fast(k)  # (n, d_out/n), (n, k/n)
         for p in (self.phm_down_s, self.phm_down_t, self.phm_up_t):
             nn.init.kaiming_uniform_(p, a=math.sqrt(5))
@@ -111,15 +141,24 @@ class Compacter(Adapter):
 
     def forward(self, x: Tensor, base_out: Tensor, base: Backend) -> Tensor:
         rule = self.shared.phm_rule
-        h = phm_apply(x.to(rule.dtype), rule, self.phm_down_s, self.phm_down_t)  # (..., k)
+        src = base_out if self.paper else x  # serial on the layer's output (paper) or parallel on its input
+        h = phm_apply(src.to(rule.dtype), rule, self.phm_down_s, self.phm_down_t)  # (..., k)
+        if self.paper:
+            h = F.gelu(h)
         return phm_apply(h, rule, self.phm_up_s, self.phm_up_t).to(base_out.dtype)  # (..., d_out)
 
-    def factors(self) -> tuple[Tensor, Tensor]:
+    def factors(self) -> tuple[Tensor, Tensor] | None:
+        if self.paper:
+            return None
         rule = self.shared.phm_rule
         return phm_dense(rule, self.phm_up_s, self.phm_up_t), phm_dense(rule, self.phm_down_s, self.phm_down_t)
 
     def merge_delta(self, unit_scale: Tensor | None) -> Tensor:
-        up, down = self.factors()
+        factors = self.factors()
+        if factors is None:
+            raise LorakitError("a Compacter adapter with form='paper' (U GeLU(D y) on the layer's output) is "
+                               "non-linear and has no weight update; use form='parallel' to merge")
+        up, down = factors
         return up @ down  # (d_out, d_in)
 
     def trainable(self) -> dict[str, nn.Parameter]:
