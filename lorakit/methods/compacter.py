@@ -45,7 +45,6 @@ from ..hosts.backend import Backend
 from ..hosts.geometry import Geometry
 from .base import Adapter, Capabilities, SharedState, register_method
 
-
 FORMS = ("parallel", "paper")
 
 
