@@ -11,28 +11,50 @@ their entries receive gradients; the modules are *merged* back by construction, 
 ``A``, ``B``: evaluation mode (and training before any resample, or after :func:`mosa_resample` with ``k=None``)
 runs the complete adapter, at exactly LoRA's cost.
 
-Assumed (lorakit adapters add a mergeable update to one layer; the paper uses serial bottleneck adapters with a
-non-linearity in ViTs): the adapter is a parallel linear bottleneck, i.e. LoRA's ``s B A`` with every LoRA option
-(init, rank/alpha patterns, dropout); the paper's hierarchical sparse strategy is not implemented, and sampled
-modules are not rescaled (the paper's description has no dropout-style rescaling).
+Two forms (``MosaConfig.form``):
+
+* ``"parallel"`` (default, the mergeable variant): the adapter is a parallel linear bottleneck, i.e. LoRA's ``s B A``
+  with every LoRA option (init, rank/alpha patterns, dropout), mergeable and factorable. It stays the default because
+  the catalogue / contract tests and ``factors()`` / merge / export callers build ``MosaConfig(r=...)`` expecting it.
+* ``"paper"`` (:class:`MosaBottleneck`): the paper's serial bottleneck adapter after the host layer, on its output
+  ``y = base(x)``::
+
+      contribution = s * W_up act(W_down y),    W_down: (r, d_out) kaiming,  W_up: (d_out, r) zero (identity at init)
+      training step:  s * (W_up (.) N_S) act((W_down (.) M_S) y)
+
+  split into the same disjoint sparse modules over ``W_down``, ``W_up`` and sampled by the same hook; evaluation runs
+  the complete (merged-modules) adapter. It is non-linear in ``x``: ``mergeable=False``, ``factorable=False`` (the host
+  refuses to merge it), linear layers only; no adapter biases, no dropout, ``init`` must be ``"kaiming"``.
+
+Hierarchical sparse strategy (``levels``; the abstract only says "a hierarchical sparse strategy to better leverage
+limited training data" and leaves its definition open). Implemented here: nested granularities. Level ``l`` (``0 ..
+levels-1``) groups the ``modules`` fine modules into ``g_l = modules / 2**l`` coarse modules (coarse module ``j`` is
+the union of the fine modules ``i`` with ``i % g_l == j``), so every level partitions the adapter and each coarse
+module is the union of two modules of the level below. Each step draws a level uniformly, then ``min(k, g_l)`` of
+its coarse modules; ``levels=1`` is the plain strategy (and the previous random stream). Both forms accept it.
+Sampled modules are not rescaled (the paper's description has no dropout-style rescaling).
 """
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import AdapterConfig
-from ..errors import require
+from ..errors import LorakitError, require
 from ..hooks import TrainingHook, training_rule
 from ..hosts.backend import Backend
 from ..hosts.geometry import Geometry
 from ..hosts.host import adapters_named
-from .base import register_method
+from .base import Adapter, Capabilities, register_method
 from .lora import Lora, LoraConfig
+
+_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}  # the paper form's non-linearity
 
 
 @dataclass(frozen=True)
@@ -43,11 +65,18 @@ class MosaConfig(LoraConfig):
         modules: number of non-overlapping sparse modules the adapter is split into.
         seed: seed of the partition of ``A`` and ``B`` into modules.
         active_modules: modules sampled for each training step (:func:`mosa_resample`); all are used in evaluation.
+        form: ``"parallel"`` (mergeable LoRA-shaped update) or ``"paper"`` (serial bottleneck on the layer output).
+        activation: the paper form's non-linearity, ``"relu"`` or ``"gelu"``.
+        levels: granularities of the hierarchical sparse strategy (1: none); ``modules`` must divide by
+            ``2**(levels-1)``.
     """
 
     modules: int = 4
     seed: int = 0
     active_modules: int = 1
+    form: str = "parallel"
+    activation: str = "relu"
+    levels: int = 1
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -56,6 +85,16 @@ class MosaConfig(LoraConfig):
         require(isinstance(self.seed, int), "seed", self.seed, "must be an integer")
         require(isinstance(self.active_modules, int) and 1 <= self.active_modules <= self.modules, "active_modules",
                 self.active_modules, f"must be an integer in [1, modules={self.modules}]")
+        require(self.form in ("parallel", "paper"), "form", self.form, "must be 'parallel' or 'paper'")
+        require(self.activation in _ACTIVATIONS, "activation", self.activation,
+                f"must be one of {sorted(_ACTIVATIONS)}")
+        require(isinstance(self.levels, int) and self.levels >= 1 and self.modules % 2 ** (self.levels - 1) == 0,
+                "levels", self.levels,
+                f"must be a positive integer with modules={self.modules} divisible by 2**(levels-1)")
+        if self.form == "paper":
+            require(self.dropout == 0, "dropout", self.dropout, "is not supported with form='paper'")
+            require(not self.lora_bias, "lora_bias", True, "is not supported with form='paper'")
+            require(self.init == "kaiming", "init", self.init, "must be 'kaiming' with form='paper' (W_up starts at 0)")
 
 
 def partition(shape: torch.Size, modules: int, gen: torch.Generator) -> Tensor:
@@ -68,6 +107,14 @@ class Mosa(Lora):
     """LoRA whose factors, in a training step after :func:`mosa_resample`, keep only the sampled modules' entries."""
 
     _masks: tuple[Tensor, Tensor] | None = None  # (mask of A, mask of B) of the sampled modules; None: all modules
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        """The registry builds ``Mosa(geometry, config, base)``; ``form='paper'`` returns a :class:`MosaBottleneck`
+        (not a :class:`Lora`, so nothing treats it as one). Without arguments (copy, pickle) a plain instance."""
+        config = args[1] if len(args) > 1 else kwargs.get("config")
+        if cls is Mosa and isinstance(config, MosaConfig) and config.form == "paper":
+            return MosaBottleneck(*args, **kwargs)
+        return super().__new__(cls)
 
     def __init__(self, geometry: Geometry, config: MosaConfig, base: Backend) -> None:
         super().__init__(geometry, config, base)
@@ -117,21 +164,87 @@ class Mosa(Lora):
         return super().stochastic or (self.training and self._masks is not None)
 
 
+class MosaBottleneck(Adapter):
+    """MoSA's paper form: ``s * W_up act(W_down y)`` on the host output ``y``, its weights split into sparse modules."""
+
+    capabilities = Capabilities(layers=frozenset({"linear"}), mergeable=False, factorable=False)
+    _masks: tuple[Tensor, Tensor] | None = None  # (mask of W_down, mask of W_up) of the sampled modules; None: all
+
+    def __init__(self, geometry: Geometry, config: MosaConfig, base: Backend) -> None:
+        super().__init__(geometry, config, base)
+        require(geometry.kind == "linear", "form", "paper", f"supports linear layers only, not {geometry.kind!r}")
+        r, d = config.r, geometry.d_out
+        self.scale = config.scale
+        self.act = _ACTIVATIONS[config.activation]
+        self.mosa_down = nn.Parameter(torch.empty(r, d))
+        self.mosa_up = nn.Parameter(torch.zeros(d, r))
+        nn.init.kaiming_uniform_(self.mosa_down, a=math.sqrt(5))
+        gen = torch.Generator().manual_seed(config.seed)
+        self.register_buffer("mosa_module_down", partition(self.mosa_down.shape, config.modules, gen), persistent=False)
+        self.register_buffer("mosa_module_up", partition(self.mosa_up.shape, config.modules, gen), persistent=False)
+        w = base.weight()
+        self.to(device=w.device, dtype=w.dtype if w.is_floating_point() else None)
+
+    def weights(self) -> tuple[Tensor, Tensor]:
+        """``(W_down, W_up)`` as the forward uses them: the sampled modules' entries in a training step."""
+        down, up = self.mosa_down, self.mosa_up
+        if self._masks is not None and self.training:
+            down, up = down * self._masks[0].to(down.dtype), up * self._masks[1].to(up.dtype)
+        return down, up
+
+    def forward(self, x: Tensor, base_out: Tensor, base: Backend) -> Tensor:
+        down, up = self.weights()
+        h = self.act(F.linear(base_out.to(down.dtype), down))
+        return (F.linear(h, up) * self.scale).to(base_out.dtype)
+
+    def sample(self, active: Tensor | None) -> None:
+        """Keep only the modules flagged in ``active: (modules,) bool`` in training steps (``None``: all)."""
+        if active is None:
+            self._masks = None
+        else:
+            active = active.to(self.mosa_module_down.device)
+            self._masks = (active[self.mosa_module_down], active[self.mosa_module_up])
+
+    def merge_delta(self, unit_scale: Tensor | None) -> Tensor:
+        raise LorakitError("MoSA with form='paper' is a serial non-linear bottleneck adapter and cannot be merged "
+                           "into the base weight; use form='parallel' for a mergeable MoSA")
+
+    @property
+    def stochastic(self) -> bool:
+        return self.training and self._masks is not None
+
+    def trainable(self) -> dict[str, nn.Parameter]:
+        return {"mosa_down": self.mosa_down, "mosa_up": self.mosa_up}
+
+    def up_projections(self) -> dict[str, nn.Parameter]:
+        return {"mosa_up": self.mosa_up}
+
+
+def draw_modules(config: MosaConfig, k: int, generator: torch.Generator | None = None) -> Tensor:
+    """The fine modules, ``(modules,) bool``, of one step's draw: a level (when ``levels > 1``), then ``min(k, g)`` of
+    its ``g`` coarse modules, each the union of the fine modules ``i`` with ``i % g == j``."""
+    m = config.modules
+    g = m
+    if config.levels > 1:
+        g = m // 2 ** int(torch.randint(config.levels, (1,), generator=generator))
+    coarse = torch.zeros(g, dtype=torch.bool)
+    coarse[torch.randperm(g, generator=generator)[:min(k, g)]] = True
+    return coarse[torch.arange(m) % g]
+
+
 def mosa_resample(model: nn.Module, k: int | None = 1, generator: torch.Generator | None = None,
                   name: str = "default") -> None:
     """Activate ``k`` random modules (independently per layer) of MoSA adapter ``name`` for the next training step.
 
     ``k=None`` activates all of them again (the complete adapter).
     """
-    for _, module in adapters_named(model, name, Mosa):
+    for _, module in adapters_named(model, name, (Mosa, MosaBottleneck)):
         m = module.config.modules
         if k is None:
             module.sample(None)
             continue
         require(isinstance(k, int) and 1 <= k <= m, "k", k, f"must be an integer in [1, modules={m}]")
-        active = torch.zeros(m, dtype=torch.bool)
-        active[torch.randperm(m, generator=generator)[:k]] = True
-        module.sample(active)
+        module.sample(draw_modules(module.config, k, generator))
 
 
 class MosaResample(TrainingHook):
