@@ -80,7 +80,9 @@ def test_micro_batches_and_grad_accum_give_the_global_batch_result(model_dir: Pa
     assert whole["after"]["loss"] == pytest.approx(split["after"]["loss"], rel=1e-5)
 
 
-def test_resume_after_ctrl_c_reproduces_the_uninterrupted_run(model_dir: Path, texts: Path, tmp_path: Path) -> None:
+def straight_and_interrupted(model_dir: Path, texts: Path, tmp_path: Path) -> Path:
+    """An uninterrupted 8-step run in ``tmp_path/straight`` and the same run stopped by Ctrl-C after step 5 (a
+    checkpoint every 3 steps); returns the interrupted run's folder."""
     finetune(lm_options(model_dir, texts, tmp_path / "straight", save_every=3))
 
     def interrupt(trainer: Trainer, result: StepResult) -> None:
@@ -90,6 +92,11 @@ def test_resume_after_ctrl_c_reproduces_the_uninterrupted_run(model_dir: Path, t
     run = tmp_path / "interrupted"
     with pytest.raises(KeyboardInterrupt):
         finetune(lm_options(model_dir, texts, run, save_every=3), callbacks=[interrupt])
+    return run
+
+
+def test_resume_after_ctrl_c_reproduces_the_uninterrupted_run(model_dir: Path, texts: Path, tmp_path: Path) -> None:
+    run = straight_and_interrupted(model_dir, texts, tmp_path)
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-5"]
     assert not (run / "adapter_model.safetensors").exists()
     finetune(lm_options(model_dir, texts, run, save_every=3, resume=True))
@@ -155,15 +162,7 @@ def test_resume_falls_back_past_a_corrupt_checkpoint_and_a_torn_metrics_line(mod
                                                                             tmp_path: Path) -> None:
     from lorakit.train.checkpoint import TRAINER_FILE
 
-    finetune(lm_options(model_dir, texts, tmp_path / "straight", save_every=3))
-
-    def interrupt(trainer: Trainer, result: StepResult) -> None:
-        if result.step == 5:
-            raise KeyboardInterrupt
-
-    run = tmp_path / "crashed"
-    with pytest.raises(KeyboardInterrupt):
-        finetune(lm_options(model_dir, texts, run, save_every=3), callbacks=[interrupt])
+    run = straight_and_interrupted(model_dir, texts, tmp_path)
     (run / "checkpoint-5" / TRAINER_FILE).write_bytes(b"\x00 torn by a crash")  # the newest checkpoint is corrupt
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"kind": "step", "st')  # and the last metrics line was cut mid-write
