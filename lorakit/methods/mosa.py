@@ -102,6 +102,15 @@ def partition(shape: torch.Size, modules: int, gen: torch.Generator) -> Tensor:
     return (torch.randperm(shape.numel(), generator=gen) % modules).view(shape)
 
 
+def module_masks(active: Tensor | None, first: Tensor, second: Tensor) -> tuple[Tensor, Tensor] | None:
+    """The masks of the two weights' entries in the modules flagged by ``active: (modules,) bool`` (each entry's
+    module index in ``first`` / ``second``); ``None``: every module."""
+    if active is None:
+        return None
+    active = active.to(first.device)
+    return active[first], active[second]
+
+
 @register_method("mosa", MosaConfig)
 class Mosa(Lora):
     """LoRA whose factors, in a training step after :func:`mosa_resample`, keep only the sampled modules' entries."""
@@ -135,11 +144,7 @@ class Mosa(Lora):
 
     def sample(self, active: Tensor | None) -> None:
         """Keep only the modules flagged in ``active: (modules,) bool`` in training steps (``None``: all)."""
-        if active is None:
-            self._masks = None
-        else:
-            active = active.to(self.mosa_module_A.device)
-            self._masks = (active[self.mosa_module_A], active[self.mosa_module_B])
+        self._masks = module_masks(active, self.mosa_module_A, self.mosa_module_B)
 
     @contextlib.contextmanager
     def complete(self) -> Iterator[None]:
@@ -199,11 +204,7 @@ class MosaBottleneck(Adapter):
 
     def sample(self, active: Tensor | None) -> None:
         """Keep only the modules flagged in ``active: (modules,) bool`` in training steps (``None``: all)."""
-        if active is None:
-            self._masks = None
-        else:
-            active = active.to(self.mosa_module_down.device)
-            self._masks = (active[self.mosa_module_down], active[self.mosa_module_up])
+        self._masks = module_masks(active, self.mosa_module_down, self.mosa_module_up)
 
     def merge_delta(self, unit_scale: Tensor | None) -> Tensor:
         raise LorakitError("MoSA with form='paper' is a serial non-linear bottleneck adapter and cannot be merged "
