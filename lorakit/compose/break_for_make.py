@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from ..errors import LorakitError, require
 from ..hosts.host import HostLayer, adapters_named
 from ..inject import _check_names, adapt, configs, delete_adapter
+from ..merging.rules import cat
 from ..methods.lora import Lora, LoraConfig, LoraFAConfig
 
 
@@ -73,22 +74,22 @@ def _split_down_projections(model: nn.Module, names: tuple[str, str], generator:
         style.a.copy_(q[r_content:].reshape(style.a.shape))
 
 
-def _lora_layers(model: nn.Module, name: str) -> dict[str, tuple[HostLayer, Lora]]:
+def _lora_layers(model: nn.Module, name: str) -> dict[str, tuple[HostLayer, nn.Module]]:
     layers = {host.path: (host, adapter) for host, adapter in adapters_named(model, name)}
-    wrong = sorted(p for p, (_, adapter) in layers.items() if not isinstance(adapter, Lora))
+    wrong = sorted(p for p, (_, adapter) in layers.items()
+                   if adapter.factors() is None or adapter.bias_delta() is not None)
     if wrong:
-        raise LorakitError(f"adapter {name!r} is not a LoRA on {wrong[:3]}; only LoRA adapters (B A) concatenate")
+        raise LorakitError(f"adapter {name!r} is not exactly B A on {wrong[:3]} (a non-factorable method or a "
+                           f"lora_bias); only such updates concatenate into one B A")
     return layers
 
 
 @torch.no_grad()
-def _concatenated(first: Lora, second: Lora) -> tuple[Tensor, Tensor]:
+def _concatenated(first: nn.Module, second: nn.Module) -> tuple[Tensor, Tensor]:
     """``(A, B)`` of the rank-``r_1 + r_2`` LoRA at scale 1 equal to the sum of ``first`` and ``second``:
-    ``A = [A_1; A_2]``, ``B = [s_1 B_1, s_2 B_2]``."""
-    (a1, b1, s1), (a2, b2, s2) = first.live(), second.live()
-    if first.b_bias is not None or second.b_bias is not None:
-        raise LorakitError("LoRAs with a lora_bias do not concatenate into one B A; make them without lora_bias")
-    return torch.cat([a1, a2], dim=0), torch.cat([b1 * s1, b2 * s2], dim=1)
+    ``A = [A_1; A_2]``, ``B = [s_1 B_1, s_2 B_2]`` (:func:`lorakit.merging.rules.cat`)."""
+    up, down = cat([first.factors(), second.factors()], [1.0, 1.0])
+    return down, up
 
 
 def make(model: nn.Module, content: str, style: str, name: str, train_a: bool = False) -> None:
