@@ -92,6 +92,7 @@ def _line(report: RoundReport, metrics: dict[str, Any], rounds: int) -> str:
 def federate(config: FederationConfig) -> dict[str, Any]:
     """Run the federation; returns ``{"before", "rounds": [records], "after", "output", "seconds"}``."""
     started = time.perf_counter()
+    logging.getLogger("flwr").setLevel(logging.ERROR)  # lorakit prints one line per round and every exclusion
     output = Path(config.options.output or Path("runs") / time.strftime("federate-%Y%m%d-%H%M%S"))
     resuming = _prepare_output(output, config)
     log = MetricsLog(output / METRICS_FILE)
@@ -124,7 +125,6 @@ def federate(config: FederationConfig) -> dict[str, Any]:
 
 def _run_engine(config: FederationConfig, app: Any) -> None:
     clients = client_app(config)
-    logging.getLogger("flwr").setLevel(logging.WARNING)  # lorakit prints one line per round
     if config.engine == "inprocess":
         with server_identity():
             app(InProcessGrid(clients, config.clients),
