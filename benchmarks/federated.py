@@ -2,7 +2,8 @@
 
 SmolLM2-135M-Instruct classifies tweet sentiment; the training tweets are split non-IID (Dirichlet 0.3 over the
 labels) among ``--clients`` clients; each round every client runs ``--local-steps`` steps of ``--batch-size`` from
-the same global adapter (r=8, all linear layers) and the server aggregates. Printed per aggregator: held-out accuracy
+the same global adapter (r=8, all linear layers; Fed-SB r=32 at lr 2e-3, LoRA-SB's setting in the convergence
+benchmark, since it trains only r x r per layer) and the server aggregates. Printed per aggregator: held-out accuracy
 (200 tweets, the same as ``lorakit finetune``'s) after each round, the first round at or above 70%, bytes uploaded and
 downloaded per client per round, the largest aggregation error vs ``sum_k p_k B_k A_k``, and with ``--dp-epsilon``
 the same run under DP-SGD (epsilon at delta 1e-5 after the last round).
@@ -23,7 +24,9 @@ from lorakit.train.options import Options
 
 
 def run(name: str, args: argparse.Namespace, workdir: Path, epsilon: float | None) -> dict:
-    opts = Options(rank=8, alpha=16.0, lr=args.lr, batch_size=args.batch_size, output=str(workdir / name),
+    sb = AGGREGATORS.get(name).method == "lora-xs"  # LoRA-SB trains r x r: the convergence benchmark's r and lr
+    opts = Options(rank=args.sb_rank if sb else 8, alpha=2.0 * (args.sb_rank if sb else 8),
+                   lr=args.sb_lr if sb else args.lr, batch_size=args.batch_size, output=str(workdir / name),
                    overwrite=True, seed=args.seed)
     privacy = PrivacyConfig(target_epsilon=epsilon, max_grad_norm=1.0) if epsilon else None
     ranks = (4, 8, 16) if AGGREGATORS.get(name).fresh else ()
@@ -38,19 +41,20 @@ def run(name: str, args: argparse.Namespace, workdir: Path, epsilon: float | Non
     return {"aggregator": name, "dp_epsilon": epsilon, "before": result["before"]["accuracy"], "accuracy": accuracy,
             "to_70": next((r["round"] for r in rounds if r["eval_accuracy"] >= 0.70), None),
             "up_kib": sum(up) / len(up) / 1024, "down_kib": sum(r["down_bytes"] for r in rounds) / len(rounds) / 1024,
+            "changed_kib": sum(r["down_changed_bytes"] for r in rounds) / len(rounds) / 1024,
             "error": max(r["aggregation_error"] for r in rounds), "epsilon": rounds[-1]["epsilon"],
             "seconds": time.perf_counter() - started}
 
 
 def table(rows: list[dict]) -> str:
     lines = ["| aggregator | DP | accuracy per round | rounds to 70% | up KiB/client/round | down KiB/client/round "
-             "| aggregation error | epsilon | wall |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+             "(changed) | aggregation error | epsilon | wall |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         acc = " / ".join(f"{a:.1%}" for a in r["accuracy"])
         dp = f"eps {r['dp_epsilon']:g}" if r["dp_epsilon"] else "-"
         lines.append(f"| {r['aggregator']} | {dp} | {r['before']:.1%} -> {acc} | {r['to_70'] or 'not reached'} | "
-                     f"{r['up_kib']:.1f} | {r['down_kib']:.1f} | {r['error']:.2g} | {r['epsilon']:.2f} | "
-                     f"{r['seconds']:.0f} s |")
+                     f"{r['up_kib']:.1f} | {r['down_kib']:.1f} ({r['changed_kib']:.1f}) | {r['error']:.2g} | "
+                     f"{r['epsilon']:.2f} | {r['seconds']:.0f} s |")
     return "\n".join(lines)
 
 
@@ -64,6 +68,8 @@ def main() -> None:
     parser.add_argument("--local-steps", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--sb-rank", type=int, default=32, help="fed-sb's rank (it trains r x r per layer)")
+    parser.add_argument("--sb-lr", type=float, default=2e-3, help="fed-sb's learning rate")
     parser.add_argument("--partition", default="dirichlet:0.3")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the rows to this file")

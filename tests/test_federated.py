@@ -88,14 +88,18 @@ def test_a_resumed_federation_ends_where_an_uninterrupted_one_does(setup, tmp_pa
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_fed_sb_upload_is_r_squared_per_layer_whatever_the_number_of_clients(setup, tmp_path) -> None:
+def test_fed_sb_traffic_is_r_squared_per_layer_whatever_the_number_of_clients(setup, tmp_path) -> None:
     per_client = []
     for clients in (2, 4):
-        federate(config(setup, tmp_path / str(clients), aggregator="fed-sb", clients=clients, rounds=1))
-        (record,) = rounds(tmp_path / str(clients))
-        per_client.append(set(record["up_bytes"].values()))
-    layers = 2 * 7  # two blocks, seven linear layers each
+        federate(config(setup, tmp_path / str(clients), aggregator="fed-sb", clients=clients, rounds=2))
+        log = rounds(tmp_path / str(clients))
+        per_client.append(set(log[0]["up_bytes"].values()))
+        assert log[1]["down_changed_bytes"] == layers * 4 * 4 * 4  # round 2: a stateful client needs only R
+        assert log[0]["down_changed_bytes"] > 10 * log[1]["down_changed_bytes"]  # round 1: B and A from the server
     assert per_client[0] == per_client[1] == {layers * 4 * 4 * 4}  # r x r float32
+
+
+layers = 2 * 7  # the tiny model: two blocks, seven linear layers each
 
 
 def test_ffa_lora_with_dp_noises_b_only_and_reports_the_privacy_spent(setup, tmp_path) -> None:

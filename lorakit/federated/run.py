@@ -80,7 +80,8 @@ def _prepare_output(output: Path, config: FederationConfig) -> bool:
 def _line(report: RoundReport, metrics: dict[str, Any], rounds: int) -> str:
     up = sum(report.up_bytes.values()) / max(1, len(report.up_bytes))
     text = (f"round {report.round}/{rounds}: {describe(metrics)} | {len(report.kept)}/{len(report.sampled)} clients "
-            f"kept, up {up / 1024:.1f} KiB/client, down {report.down_bytes / 1024:.1f} KiB/client, "
+            f"kept, up {up / 1024:.1f} KiB/client, down {report.down_bytes / 1024:.1f} KiB/client "
+            f"({report.down_changed_bytes / 1024:.1f} KiB changed), "
             f"aggregation error {report.aggregation_error:.2g}")
     if report.epsilon:
         text += f", epsilon {report.epsilon:.2f}"

@@ -41,7 +41,8 @@ class RoundReport:
     excluded: list[Excluded]
     applied: bool
     up_bytes: dict[int, int] = field(default_factory=dict)  # per client that uploaded
-    down_bytes: int = 0  # per client: the global state it was sent
+    down_bytes: int = 0  # per client: the global state it was sent (clients are stateless)
+    down_changed_bytes: int = 0  # per client: what changed since the last round (what a stateful client needs)
     aggregation_error: float = 0.0  # max over layers of ||global update - sum p_k delta_k|| / ||sum p_k delta_k||
     epsilon: float = 0.0  # the largest privacy spent by any client so far (DP runs)
     seconds: float = 0.0
@@ -63,6 +64,8 @@ class FederatedServer:
         self.state = fed.initial_state()
         self.scale = float(getattr(fed.adapter_config(), "scale", 1.0))
         self.merged: dict[str, tuple[Tensor, Tensor]] = {}
+        self.view = {p: dict(r) for p, r in self.seed_state.items()}  # what a stateful client would hold
+        self.increment = 0  # bytes of the last round's merged update (FLoRA)
         self.round = 0
         self.ledgers = {k: PrivacyLedger() for k in range(self.config.clients)}
 
@@ -75,6 +78,14 @@ class FederatedServer:
     def down_bytes(self) -> int:
         return nbytes(self.payload()) + sum(u.numel() * u.element_size() + d.numel() * d.element_size()
                                             for u, d in self.merged.values())
+
+    def changed_bytes(self) -> int:
+        """Bytes a client that kept last round's state needs now (the roles that changed, FLoRA's new stack); moves
+        that state forward."""
+        changed = {p: {r: t for r, t in roles.items() if not torch.equal(t, self.view[p][r])}
+                   for p, roles in self.state.items()}
+        self.view = {p: dict(r) for p, r in self.state.items()}
+        return nbytes(changed) + self.increment
 
     def expected(self, client: int) -> dict[str, dict[str, tuple[int, ...]]]:
         """The shapes client ``client`` must upload (its own rank for FLoRA)."""
@@ -106,7 +117,8 @@ class FederatedServer:
         excluded += [Excluded(k, reason) for k, reason in failures.items()]
         report = RoundReport(round_, sampled, kept, sorted(excluded, key=lambda e: e.client),
                              len(kept) >= self.config.min_clients,
-                             {k: nbytes(results[k].upload) for k in clients}, self.down_bytes())
+                             {k: nbytes(results[k].upload) for k in clients}, self.down_bytes(),
+                             self.changed_bytes())
         if report.applied:
             report.aggregation_error = self._apply(round_, [results[k] for k in kept], kept)
         self._account_privacy(kept)
@@ -118,6 +130,7 @@ class FederatedServer:
 
     def _apply(self, round_: int, results: list[ClientResult], kept: list[int]) -> float:
         rule, error = self.config.rule, 0.0
+        self.increment = 0
         weights = [float(r.examples) for r in results]
         scales = [float(getattr(self.fed.adapter_config(self.config.rank_of(k)), "scale", 1.0)) if rule.fresh
                   else self.scale for k in kept]
@@ -133,6 +146,7 @@ class FederatedServer:
 
     def _merge(self, path: str, update: tuple[Tensor, Tensor]) -> None:
         """Add ``update`` to the running sum of merged updates of ``path`` (kept exact and at most full rank)."""
+        self.increment += sum(t.numel() * t.element_size() for t in update)
         total = update if path not in self.merged else cat([self.merged[path], update], [1.0, 1.0])
         up, down = total
         if down.shape[0] > min(up.shape[0], down.shape[1]):
