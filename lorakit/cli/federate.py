@@ -49,6 +49,10 @@ def federate_arguments(parser: argparse.ArgumentParser) -> None:
     privacy.add_argument("--dp-noise", type=float, help="noise multiplier sigma (instead of --dp-epsilon)")
     privacy.add_argument("--dp-clip", type=float, default=1.0, help="per-example clipping norm C")
     privacy.add_argument("--dp-delta", type=float, default=1e-5)
+    privacy.add_argument("--client-dp-noise", type=float, help="client-level DP (DP-FedAvg on the server): noise "
+                                                               "multiplier sigma on the mean of clipped updates")
+    privacy.add_argument("--client-dp-epsilon", type=float, help="client-level DP: target epsilon after all rounds")
+    privacy.add_argument("--client-dp-clip", type=float, default=0.1, help="client-level DP: update clipping norm")
     train = parser.add_argument_group("training")
     train.add_argument("--method", default="lora", help=argparse.SUPPRESS)
     train.add_argument("--rank", type=int, default=16)
@@ -70,6 +74,10 @@ def config_from(args: argparse.Namespace):  # noqa: ANN201 - FederationConfig, i
     if args.dp_epsilon is not None or args.dp_noise is not None:
         privacy = PrivacyConfig(noise_multiplier=args.dp_noise, max_grad_norm=args.dp_clip,
                                 target_epsilon=args.dp_epsilon, delta=args.dp_delta)
+    client_privacy = None
+    if args.client_dp_noise is not None or args.client_dp_epsilon is not None:
+        client_privacy = PrivacyConfig(noise_multiplier=args.client_dp_noise, max_grad_norm=args.client_dp_clip,
+                                       target_epsilon=args.client_dp_epsilon, delta=args.dp_delta)
     faults = {}
     for key, kind in args.inject_faults.items():
         if not (key.startswith("c") and key[1:].isdigit()):
@@ -79,8 +87,8 @@ def config_from(args: argparse.Namespace):  # noqa: ANN201 - FederationConfig, i
         options=options_from(args), aggregator=args.aggregator, clients=args.clients, rounds=args.rounds,
         local_steps=args.local_steps, partition=args.partition, fraction=args.fraction, min_clients=args.min_clients,
         client_ranks=args.client_ranks, aggregator_options=args.aggregator_options, prox_mu=args.prox_mu,
-        privacy=privacy, server_examples=args.server_examples, max_update_ratio=args.max_update_ratio,
-        client_timeout=args.client_timeout, engine=args.engine, inject_faults=faults)
+        privacy=privacy, client_privacy=client_privacy, server_examples=args.server_examples,
+        max_update_ratio=args.max_update_ratio, client_timeout=args.client_timeout, engine=args.engine, inject_faults=faults)
 
 
 def run_federate(args: argparse.Namespace) -> int:

@@ -82,6 +82,7 @@ class Aggregator:
     exact: bool  # the new global update equals the ideal one (to float tolerance)
     fresh: bool = False  # adapters restart each round after their update is merged into the base (client ranks free)
     others: bool = False  # also takes and averages uploaded non-low-rank roles (a DoRA magnitude, ...)
+    averaging: bool = True  # the new global depends on the uploads only through their weighted mean (client-level DP)
     summary: str = ""
 
 
@@ -167,7 +168,7 @@ Rule = Callable[[LayerRound], LayerResult]
 
 
 def _entry(name: str, method: str, sends: tuple[str, ...], exact: bool, fresh: bool = False,
-           others: bool = False) -> Callable[[Rule], Rule]:
+           others: bool = False, averaging: bool = True) -> Callable[[Rule], Rule]:
     """Register the decorated rule as an :class:`Aggregator` that checks the uploads first."""
     def wrap(body: Rule) -> Rule:
         @functools.wraps(body)
@@ -176,7 +177,7 @@ def _entry(name: str, method: str, sends: tuple[str, ...], exact: bool, fresh: b
             return body(layer)
 
         summary = (body.__doc__ or "").strip().splitlines()[0]
-        AGGREGATORS.register(name, Aggregator(name, fn, method, sends, exact, fresh, others, summary))
+        AGGREGATORS.register(name, Aggregator(name, fn, method, sends, exact, fresh, others, averaging, summary))
         return fn
 
     return wrap
@@ -202,7 +203,7 @@ def fed_sb(layer: LayerRound) -> LayerResult:
     return LayerResult(_cast(layer, {"R": _mean(layer, "R", scaled=True)}))
 
 
-@_entry("flora", "lora", ("A", "B"), exact=True, fresh=True)
+@_entry("flora", "lora", ("A", "B"), exact=True, fresh=True, averaging=False)
 def flora(layer: LayerRound) -> LayerResult:
     """FLoRA (Wang et al., 2024): stacking, ``W += [p_1 s_1 B_1 .. p_K s_K B_K] [A_1; ..; A_K]`` for any ranks."""
     up, down = ideal_update(layer)  # (d_out, sum r_k), (sum r_k, d_in)
@@ -224,7 +225,7 @@ def fedsvd(layer: LayerRound) -> LayerResult:
     return LayerResult(_cast(layer, {"B": up / layer.scale, "A": down}))
 
 
-@_entry("lora-fair", "lora", ("A", "B"), exact=False)
+@_entry("lora-fair", "lora", ("A", "B"), exact=False, averaging=False)
 def lora_fair(layer: LayerRound) -> LayerResult:
     """LoRA-FAIR (Bian et al., 2025): ``A_bar``, ``B_bar + dB`` with ``dB`` minimising
     ``||(B_bar + dB) A_bar - ideal / s||_F^2 + lam ||dB||_F^2`` (option ``lam``, default 1e-4):

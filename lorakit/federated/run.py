@@ -85,6 +85,8 @@ def _line(report: RoundReport, metrics: dict[str, Any], rounds: int) -> str:
             f"aggregation error {report.aggregation_error:.2g}")
     if report.epsilon:
         text += f", epsilon {report.epsilon:.2f}"
+    if report.client_epsilon:
+        text += f", client-level epsilon {report.client_epsilon:.2f}"
     if not report.applied:
         text += " | too few valid clients: global adapter unchanged"
     return text + "".join(f"\n  excluded client {e.client}: {e.reason}" for e in report.excluded)

@@ -22,6 +22,7 @@ from ..merging.rules import cat, refactor
 from ..train.evaluate import evaluate
 from .aggregators import LayerRound, aggregation_error
 from .client import ClientResult, prepare_model
+from .client_dp import privatise
 from .faults import Excluded, screen
 from .layers import Layers, flatten, layer_tensors, nbytes, unflatten
 from .privacy import PrivacyLedger
@@ -44,7 +45,8 @@ class RoundReport:
     down_bytes: int = 0  # per client: the global state it was sent (clients are stateless)
     down_changed_bytes: int = 0  # per client: what changed since the last round (what a stateful client needs)
     aggregation_error: float = 0.0  # max over layers of ||global update - sum p_k delta_k|| / ||sum p_k delta_k||
-    epsilon: float = 0.0  # the largest privacy spent by any client so far (DP runs)
+    epsilon: float = 0.0  # the largest privacy spent by any client so far (DP-SGD runs)
+    client_epsilon: float = 0.0  # client-level privacy spent so far (DP-FedAvg runs)
     seconds: float = 0.0
 
     def record(self) -> dict[str, Any]:
@@ -68,6 +70,7 @@ class FederatedServer:
         self.increment = 0  # bytes of the last round's merged update (FLoRA)
         self.round = 0
         self.ledgers = {k: PrivacyLedger() for k in range(self.config.clients)}
+        self.client_ledger = PrivacyLedger()
 
     # -- what clients receive ------------------------------------------------------------------------
     def payload(self) -> Layers:
@@ -120,8 +123,13 @@ class FederatedServer:
                              {k: nbytes(results[k].upload) for k in clients}, self.down_bytes(),
                              self.changed_bytes())
         if report.applied:
-            report.aggregation_error = self._apply(round_, [results[k] for k in kept], kept)
+            kept_results = [results[k] for k in kept]
+            if self.config.client_privacy is not None:
+                kept_results = self._client_level_dp(round_, kept_results, len(sampled))
+            report.aggregation_error = self._apply(round_, kept_results, kept)
         self._account_privacy(kept)
+        if self.config.client_privacy is not None:
+            report.client_epsilon = self.client_ledger.epsilon(self.config.client_privacy.delta)
         report.epsilon = max((ledger.epsilon(self.config.privacy.delta) for ledger in self.ledgers.values()),
                              default=0.0) if self.config.privacy else 0.0
         self.round = round_
@@ -153,6 +161,17 @@ class FederatedServer:
             up, down = refactor((up, down), rank=min(up.shape[0], down.shape[1]))
         self.merged[path] = (up.contiguous(), down.contiguous())
 
+    def _client_level_dp(self, round_: int, results: list[ClientResult], sampled: int) -> list[ClientResult]:
+        """DP-FedAvg (:mod:`.client_dp`): clipped uploads with equal weights, noise through the mean; one Gaussian
+        release per round at sampling rate ``sampled / clients``."""
+        privacy, config = self.config.client_privacy, self.config
+        rate = sampled / config.clients
+        sigma = privacy.resolve(rate, config.rounds)
+        generator = torch.Generator().manual_seed(config.options.seed * 1_000_003 + round_)
+        uploads = privatise([r.upload for r in results], self.state, privacy.max_grad_norm, sigma, generator)
+        self.client_ledger.record(sigma, rate, 1)
+        return [ClientResult(u, 1) for u in uploads]
+
     def _account_privacy(self, kept: list[int]) -> None:
         """Each client that trained this round spent ``local_steps`` DP-SGD steps at its sampling rate."""
         privacy = self.config.privacy
@@ -178,7 +197,8 @@ class FederatedServer:
             tensors.update(flatten({path: {MERGED_UP: up, MERGED_DOWN: down}}))
         atomic_write(folder / STATE_FILE, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp))
         write_json(folder / SERVER_FILE, {"round": self.round, "config": self.config.key(),
-                                          "ledgers": {str(k): v.to_list() for k, v in self.ledgers.items()}})
+                                          "ledgers": {str(k): v.to_list() for k, v in self.ledgers.items()},
+                                          "client_ledger": self.client_ledger.to_list()})
 
     def load(self, folder: Path) -> None:
         """Continue from :meth:`save`'s files."""
@@ -189,3 +209,4 @@ class FederatedServer:
             self.state[path].update(roles)
         self.round = int(meta["round"])
         self.ledgers = {int(k): PrivacyLedger.from_list(v) for k, v in meta["ledgers"].items()}
+        self.client_ledger = PrivacyLedger.from_list(meta["client_ledger"])

@@ -50,7 +50,8 @@ class FederationConfig:
     client_ranks: tuple[int, ...] = ()  # FLoRA: per-client ranks (cycled over clients); empty: options.rank
     aggregator_options: Mapping[str, Any] = field(default_factory=dict)
     prox_mu: float = 0.0  # FedProx: (mu / 2) ||theta - theta_global||^2 in every client's loss
-    privacy: PrivacyConfig | None = None
+    privacy: PrivacyConfig | None = None  # DP-SGD on every client (example-level)
+    client_privacy: PrivacyConfig | None = None  # DP-FedAvg on the server (client-level; max_grad_norm clips updates)
     server_examples: int = 64  # training examples kept by the server for a data-driven init (Fed-SB's LoRA-SB)
     max_update_ratio: float = 100.0  # exclude an update this many times the round's median norm
     client_timeout: float = 600.0  # seconds a client may take before its reply is dropped
@@ -77,6 +78,9 @@ class FederationConfig:
         for client, kind in self.inject_faults.items():
             require(kind in FAULTS, f"inject_faults[{client}]", kind, f"must be one of {FAULTS}")
             require(0 <= client < self.clients, "inject_faults", client, f"client ids are 0..{self.clients - 1}")
+        require(self.client_privacy is None or aggregator.averaging, "client_privacy", self.aggregator,
+                "client-level DP needs an aggregator that uses only the mean of the uploads (fedavg, ffa-lora, fed-sb, "
+                "fedsvd); this one uses each client's update itself")
         parse_partition(self.partition)
         if self.options.method != "lora" and self.options.method != aggregator.method:
             raise ConfigError(f"--method {self.options.method!r}: aggregator {self.aggregator!r} trains "
