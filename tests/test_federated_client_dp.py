@@ -3,8 +3,7 @@ import math
 
 import pytest
 import torch
-from test_federated import config, rounds  # noqa: F401 - the module's fixtures and helpers
-from test_federated import setup  # noqa: F401
+from test_federated import config, rounds, setup  # noqa: F401 - the shared fixture and helpers
 
 from lorakit.errors import ConfigError
 from lorakit.federated import PrivacyConfig

@@ -88,7 +88,8 @@ def config_from(args: argparse.Namespace):  # noqa: ANN201 - FederationConfig, i
         local_steps=args.local_steps, partition=args.partition, fraction=args.fraction, min_clients=args.min_clients,
         client_ranks=args.client_ranks, aggregator_options=args.aggregator_options, prox_mu=args.prox_mu,
         privacy=privacy, client_privacy=client_privacy, server_examples=args.server_examples,
-        max_update_ratio=args.max_update_ratio, client_timeout=args.client_timeout, engine=args.engine, inject_faults=faults)
+        max_update_ratio=args.max_update_ratio, client_timeout=args.client_timeout, engine=args.engine,
+        inject_faults=faults)
 
 
 def run_federate(args: argparse.Namespace) -> int:
