@@ -35,7 +35,9 @@ COMMANDS: dict[str, Command] = {
                         commands.run_generate),
     "eval": Command("score the base model and an adapter on the held-out split", commands.eval_arguments,
                     commands.run_eval),
-    "inspect": Command("show what an adapter config would adapt and what it costs", commands.inspect_arguments,
+    "inspect": Command("show what an adapter config would adapt and what it costs; with --spectrum, what a trained "
+                       "update changed (spectra, effective rank, intruder dimensions, subspace similarity)",
+                       commands.inspect_arguments,
                        commands.run_inspect),
     "serve": Command("serve the base model and adapters over an OpenAI-compatible HTTP API",
                      serve_cli.serve_arguments, serve_cli.run_serve),

@@ -10,6 +10,7 @@ from ..io.adapter_files import load_adapter
 from ..train.jobs import finetune_jobs
 from ..train.model import load_model
 from ..train.run import adapter_config, evaluate_adapter, finetune
+from .inspect_analysis import add_analysis_args, run_analysis
 from .options import add_adapter_args, add_data_args, add_model_args, add_train_args, options_from
 
 
@@ -74,9 +75,12 @@ def run_generate(args: argparse.Namespace) -> int:
 def inspect_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_args(parser)
     add_adapter_args(parser)
+    add_analysis_args(parser)
 
 
 def run_inspect(args: argparse.Namespace) -> int:
+    if any(getattr(args, flag) for flag in ("spectrum", "compare", "intruders", "base", "plot")):
+        return run_analysis(args)
     model, _ = load_model(args.model, torch.bfloat16 if args.bf16 else torch.float32, meta=True)
     rows = inspect_targets(model, adapter_config(options_from(args)))
     width = max(len(r.path) for r in rows)
