@@ -5,6 +5,7 @@ import argparse
 
 import torch
 
+from ..analysis.refusal import PROMPTS, refusal_rate
 from ..inject import inspect_targets
 from ..io.adapter_files import load_adapter
 from ..train.jobs import finetune_jobs
@@ -36,10 +37,30 @@ def eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", help="adapter folder (PEFT format); without it only the base model is scored")
     add_model_args(parser)
     add_data_args(parser)
+    parser.add_argument("--refusal", action="store_true", help="instead of the task: the refusal rate of the chat "
+                                                               "model on lorakit's safety prompt set, base vs adapter")
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    if args.refusal:
+        return run_refusal(args)
     evaluate_adapter(options_from(args), args.adapter)
+    return 0
+
+
+def run_refusal(args: argparse.Namespace) -> int:
+    """``lorakit eval --refusal``: how often the model refuses the prompt set, before and after the adapter."""
+    model, tokenizer = load_model(args.model, torch.bfloat16 if args.bf16 else torch.float32)
+    base = refusal_rate(model, tokenizer)
+    print(f"base refusal rate: {base.rate:.0%} of {len(base.refused)} prompts")
+    if args.adapter:
+        load_adapter(model, args.adapter, dtype=torch.float32)
+        adapted = refusal_rate(model, tokenizer)
+        print(f"adapter refusal rate: {adapted.rate:.0%} ({adapted.rate - base.rate:+.0%})")
+        for (category, prompt), before, after, answer in zip(PROMPTS, base.refused, adapted.refused,
+                                                             adapted.answers):
+            if before and not after:
+                print(f"  no longer refused [{category}] {prompt!r}: {answer[:80]!r}")
     return 0
 
 
