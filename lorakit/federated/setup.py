@@ -25,7 +25,7 @@ from ..train.run import adapter_config, prepare_data, records_of
 from ..train.tasks import ClassificationTask, Example, Task
 from ..train.warm_start import initialize_from_task, needs_data
 from .aggregators import AGGREGATORS, Aggregator
-from .layers import layer_tensors
+from .layers import layer_tensors, load_tensors
 from .partition import parse_partition, partition
 from .privacy import PrivacyConfig
 
@@ -108,6 +108,7 @@ class Federation:
     shards: list[list[Example]]
     held_out: list[Example]
     server_examples: list[Example]
+    _seed_state: dict[str, dict[str, torch.Tensor]] | None = field(default=None, repr=False)
 
     def adapter_config(self, rank: int | None = None) -> Any:
         """The config of the adapter clients train (the aggregator's method at ``rank``)."""
@@ -118,11 +119,18 @@ class Federation:
         return adapter_config(opts)
 
     def fresh_adapter(self, rank: int | None = None, seed: int | None = None) -> None:
-        """(Re)build adapter ``default`` from the shared seed (or ``seed``), replacing any earlier one."""
+        """Adapter ``default`` as built from the shared seed (or, rebuilt, from ``seed`` at ``rank``).
+
+        The shared-seed adapter is built once per process and afterwards reset from a copy of its tensors: building
+        it again would redo its initialiser (LoRA-XS's SVD of every weight)."""
+        if seed is None and rank is None and self._seed_state is not None and ADAPTER in configs(self.model):
+            load_tensors(self.model, ADAPTER, self._seed_state)
+            return
         if ADAPTER in configs(self.model):
             delete_adapter(self.model, ADAPTER)
         torch.manual_seed(self.config.options.seed if seed is None else seed)
         adapt(self.model, self.adapter_config(rank), ADAPTER, dtype=torch.float32)
+        self._seed_state = layer_tensors(self.model, ADAPTER) if seed is None and rank is None else None
 
     def initial_state(self) -> dict[str, dict[str, torch.Tensor]]:
         """The global adapter before round 1: the shared-seed adapter, data-initialised on the server's examples
