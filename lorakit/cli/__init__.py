@@ -6,6 +6,7 @@
     lorakit inspect --rank 8 --targets q_proj,v_proj
     lorakit merge runs/a runs/b --weights 0.7 0.3 --rule ties --rank 16 --output merged/
     lorakit extract --model runs/full --rank 16 --output lora/
+    lorakit compress --rank-ratio 0.4 --method activation --output smollm2-lord/
     lorakit federate --clients 8 --rounds 10 --aggregator fed-sb --partition dirichlet:0.3
     torchrun --nproc-per-node 2 -m lorakit finetune ...
 """
@@ -18,7 +19,7 @@ from typing import Callable, Sequence
 
 from ..errors import LorakitError
 from ..serve import cli as serve_cli
-from . import commands, federate, merge
+from . import commands, compress, federate, merge
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,9 @@ COMMANDS: dict[str, Command] = {
                      serve_cli.serve_arguments, serve_cli.run_serve),
     "merge": Command("merge adapters into one LoRA (cat, linear, svd, ties, dare, ...)", merge.merge_arguments,
                      merge.run_merge),
+    "compress": Command("factor a model's linear layers into low-rank pairs (LORD; svd, activation-aware or "
+                        "Fisher-weighted) and save it as a loadable folder", compress.compress_arguments,
+                        compress.run_compress),
     "federate": Command("federated fine-tuning over simulated clients (Flower; FedAvg, FFA-LoRA, Fed-SB, FLoRA, "
                         "FedSVD, LoRA-FAIR; DP-SGD)", federate.federate_arguments, federate.run_federate),
     "extract": Command("extract a LoRA from a fully fine-tuned model's difference to its base",

@@ -1,5 +1,5 @@
-"""Finding and loading the base model and its tokenizer: a transformers folder, a ``.gguf`` file (converted once
-into the cache) or, by default, the embedded SmolLM2."""
+"""Finding and loading the base model and its tokenizer: a transformers folder (a compressed one, written by
+``lorakit compress``, too), a ``.gguf`` file (converted once into the cache) or, by default, the embedded SmolLM2."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..compress.model import COMPRESSION_FILE, load_compressed
 from .default import cache_dir, convert_gguf, default_model_dir
 from .errors import DataError
 
@@ -39,7 +40,9 @@ def load_model(model: str | None, dtype: torch.dtype = torch.float32, *, meta: b
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = resolve_model(model)
-    if meta:
+    if (folder / COMPRESSION_FILE).is_file():  # low-rank factored layers (lorakit.compress)
+        net = load_compressed(folder, dtype, meta=meta)
+    elif meta:
         with torch.device("meta"):
             net = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=dtype)
     else:
