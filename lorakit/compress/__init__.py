@@ -7,8 +7,9 @@ parameters; ``save_compressed`` / ``load_compressed`` write and rebuild the mode
 
 The other compression papers are modules of their own: ``maestro`` (trainable decomposition, ordered dropout),
 ``loraprune`` (structured pruning from LoRA gradients), ``lr2vq`` (low-rank + subvector quantisation),
-``scatterbrain`` (sparse + low-rank attention), ``ctr`` (factorised CTR models, output PCA) and ``lowrank_mhsa``
-(low-rank multi-head self-attention on a GRU classifier).
+``scatterbrain`` (sparse + low-rank attention), ``ctr`` (factorised CTR models, output PCA), ``lowrank_mhsa``
+(low-rank multi-head self-attention on a GRU classifier) and ``linformer`` (Greenformers' comparison: sequence
+projection vs factorised weights, with the crossover length).
 """
 from __future__ import annotations
 
