@@ -1,5 +1,6 @@
 import random
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -10,6 +11,16 @@ from test_cli import FILLER, make_model_folder, write_jsonl
 def _seed() -> None:
     random.seed(0)
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny models run fastest on one thread; several spinning OpenMP threads per process crawl when the cores are
+    shared (pytest -n 2, other jobs). A module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import math
 
 import pytest
 import torch
-from test_cli import one_thread  # noqa: F401  (autouse fixture)
 from zoo import tiny_llama
 
 import lorakit
@@ -34,6 +33,8 @@ from lorakit.analysis import (
 )
 from lorakit.errors import LorakitError
 from lorakit.hooks import HookList
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 F64 = torch.float64
 

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli import one_thread  # noqa: F401  (autouse fixture)
 from transformers import AutoTokenizer
 
 import lorakit
@@ -14,6 +13,8 @@ from lorakit.analysis import effective_rank, intruder_dimensions
 from lorakit.cli.inspect_analysis import add_analysis_args, run_analysis
 from lorakit.errors import LorakitError
 from lorakit.train.model import load_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _args(*argv: str) -> argparse.Namespace:

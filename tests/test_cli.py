@@ -5,7 +5,6 @@ import json
 import random
 import shutil
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
@@ -58,14 +57,7 @@ def make_model_folder(folder: Path) -> Path:
     return folder
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread; several spinning OpenMP threads per process crawl when the cores are
-    shared (pytest -n 2, other jobs)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

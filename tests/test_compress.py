@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_cli import one_thread  # noqa: F401  (autouse fixture)
 from torch import Tensor, nn
 
 import lorakit
 from lorakit.compress import FactoredLinear, break_even, choose_rank, decompose
 from lorakit.errors import ConfigError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dense_of(f: FactoredLinear) -> Tensor:

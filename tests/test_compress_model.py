@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli import one_thread, sentiment_rows, write_jsonl  # noqa: F401  (one_thread: autouse fixture)
+from test_cli import sentiment_rows, write_jsonl
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -28,6 +28,8 @@ from lorakit.compress import (
 from lorakit.errors import ConfigError, LorakitError
 from lorakit.hosts.host import hosts
 from lorakit.train.model import load_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 IDS = torch.tensor([[5, 9, 12, 7, 3, 8]])
 

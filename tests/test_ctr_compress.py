@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_cli import one_thread  # noqa: F401  (autouse fixture)
 from torch import nn
 
 from lorakit.compress.ctr import (
@@ -22,6 +21,8 @@ from lorakit.compress.ctr import (
     train_ctr,
 )
 from lorakit.errors import ConfigError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 FIELDS = (20,) * 5
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
-from test_cli import one_thread  # noqa: F401  (autouse fixture)
 from test_rank import IDS, adapted, loss_of, optimizer_of, perturbed
 from torch import nn
 from zoo import tiny_llama
@@ -16,6 +16,8 @@ from lorakit.inject import configs, hosts
 from lorakit.io.export import export_lora
 from lorakit.methods.dylora import DyLoraSampler
 from lorakit.rank.dylora import at_rank, truncate
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- DyLoRA ----------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_cli import FILLER, make_model_folder, metrics, one_thread, write_jsonl  # noqa: F401  (one_thread: autouse fixture)
+from test_cli import metrics
 from transformers import AutoTokenizer
 
 from lorakit.train.data import BatchOrder, read_records
@@ -16,6 +16,8 @@ from lorakit.train.errors import DataError, TrainingError
 from lorakit.train.loop import StepResult, Trainer
 from lorakit.train.run import Options, finetune
 from lorakit.train.tasks import IGNORE, CausalLMTask, SFTTask
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def lm_options(model_dir: Path, data: Path, output: Path, **changes: object) -> Options:

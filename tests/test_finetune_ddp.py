@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_cli import FILLER, make_model_folder, metrics, one_thread, write_jsonl  # noqa: F401  (one_thread: autouse fixture)
+from test_cli import FILLER, make_model_folder, metrics, write_jsonl
 
 from lorakit.train.run import Options, finetune
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def free_port() -> int:

@@ -7,13 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_cli import one_thread  # noqa: F401  (autouse fixture)
 from test_finetune import lm_options, step_losses
 from transformers import AutoModelForCausalLM
 
 from lorakit.train.errors import DataError
 from lorakit.train.loop import StepResult, Trainer
 from lorakit.train.run import Options, evaluate_adapter, finetune
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:

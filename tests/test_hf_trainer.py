@@ -3,7 +3,6 @@ methods' training hooks (called in lorakit's order, saved in checkpoints, restor
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,13 +23,7 @@ FULL_MODEL_FILES = {"model.safetensors", "pytorch_model.bin", "model.safetensors
                     "pytorch_model.bin.index.json"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread (spinning OpenMP threads crawl when the cores are shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_base(seed: int = 0) -> transformers.LlamaForCausalLM:

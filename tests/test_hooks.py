@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli import one_thread  # noqa: F401  (autouse fixture)
 from test_finetune import adapter, lm_options
 from torch import nn
 
@@ -15,6 +14,8 @@ from lorakit.hooks import HookList, TrainingHook, optimized_parameters, replace_
 from lorakit.optim import build_optimizer
 from lorakit.train.loop import StepResult, Trainer
 from lorakit.train.run import finetune
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Recorder(TrainingHook):

@@ -2,8 +2,6 @@
 exact attention, the multiply-add formulas match hand counts, and the crossover separates who saves more."""
 from __future__ import annotations
 
-from typing import Iterator
-
 import pytest
 import torch
 from torch import Tensor
@@ -17,15 +15,7 @@ from lorakit.compress.linformer import (
 )
 from lorakit.errors import ConfigError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread; several spinning OpenMP threads per process crawl when the cores are
-    shared (pytest -n 2, other jobs)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def exact(q: Tensor, k: Tensor, v: Tensor) -> Tensor:

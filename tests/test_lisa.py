@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli import one_thread  # noqa: F401  (autouse fixture)
 from test_finetune import adapter, lm_options
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -16,6 +15,8 @@ from lorakit.hooks import HookList
 from lorakit.optim import build_optimizer
 from lorakit.optim.lisa import LISA
 from lorakit.train.run import finetune
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_llama(layers: int = 4) -> LlamaForCausalLM:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Iterator
 
 import pytest
 import torch
@@ -24,14 +23,7 @@ from lorakit.compress.loraprune import (
 from lorakit.errors import ConfigError
 from lorakit.hooks import HookList
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny tensors run fastest on one thread; spinning OpenMP threads crawl when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 IDS = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))

@@ -7,11 +7,12 @@ import time
 
 import pytest
 import torch
-from test_cli import one_thread  # noqa: F401  (autouse fixture)
 from torch import Tensor, nn
 
 from lorakit.compress.lowrank_mhsa import LowRankMHSA, LowRankMHSAClassifier, build_vocab, encode, train_on_tweets
 from lorakit.errors import ConfigError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 FILLER = "the a cat dog sat ran on under big small red blue day night road tree house car bird sky".split()
 

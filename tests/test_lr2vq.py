@@ -6,11 +6,12 @@ import math
 
 import pytest
 import torch
-from test_cli import one_thread  # noqa: F401  (autouse fixture)
 from torch import Tensor, nn
 
 from lorakit.compress.lr2vq import LR2VQLinear, kmeans
 from lorakit.errors import ConfigError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 OUT, IN, M, D = 64, 64, 8, 2
 SCALE = torch.linspace(2.0, 0.1, IN)          # anisotropic inputs: the task weighs the weight's columns unevenly

@@ -1,8 +1,6 @@
 """Maestro (lorakit.compress.maestro): ordered dropout on trainable low-rank layers, truncation, the group lasso."""
 from __future__ import annotations
 
-from typing import Iterator
-
 import pytest
 import torch
 from torch import nn
@@ -11,14 +9,7 @@ from zoo import tiny_llama
 from lorakit.compress.maestro import MaestroLinear, OrderedDropout, maestro_layers, maestro_model, truncate_model
 from lorakit.errors import ConfigError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny tensors run fastest on one thread; spinning OpenMP threads crawl when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @torch.no_grad()

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli import one_thread  # noqa: F401  (autouse fixture)
 from test_finetune import adapter, lm_options
 
 from lorakit.errors import ConfigError, LorakitError
@@ -14,6 +13,8 @@ from lorakit.inject import hosts
 from lorakit.methods.lamda import LamdaFreeze
 from lorakit.train.loop import StepResult, Trainer
 from lorakit.train.run import finetune
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def lambdas(run: Path) -> torch.Tensor:

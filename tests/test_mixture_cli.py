@@ -7,12 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_cli import metrics, one_thread  # noqa: F401  (one_thread: autouse fixture)
+from test_cli import metrics
 from test_finetune import lm_options, step_losses
 
 from lorakit.train.errors import DataError
 from lorakit.train.loop import StepResult, Trainer
 from lorakit.train.run import Options, evaluate_adapter, finetune
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_mixlora_run_trains_router_and_experts_and_logs_routing(model_dir: Path, texts: Path, tmp_path: Path):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_cli import FILLER, make_model_folder, metrics, one_thread, sentiment_rows, write_jsonl  # noqa: F401
+from test_cli import metrics, sentiment_rows, write_jsonl
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 import lorakit
@@ -24,6 +24,8 @@ from lorakit.train.loop import TrainConfig, Trainer
 from lorakit.train.multijob import Job, MultiJobTrainer, add_job_adapter
 from lorakit.train.run import Options, prepare_data
 from lorakit.train.tasks import CausalLMTask, Example
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli import one_thread  # noqa: F401  (autouse fixture)
 from test_finetune import adapter
 
 from lorakit.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def args(model_dir: Path, texts: Path, output: Path, *extra: str) -> list[str]:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli import one_thread  # noqa: F401  (autouse fixture)
 from test_finetune import lm_options
 from torch import nn
 from zoo import tiny_llama
@@ -27,6 +26,8 @@ from lorakit.rank.increlora import IncreLoraHook
 from lorakit.rank.sora import SoraHook, soft_threshold
 from lorakit.train.loop import StepResult, Trainer
 from lorakit.train.run import finetune
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TARGETS = ["q_proj", "v_proj"]  # 4 layers on the tiny Llama
 IDS = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(0))

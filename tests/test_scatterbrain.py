@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_cli import one_thread  # noqa: F401  (autouse fixture)
 from torch import Tensor
 
 from lorakit.compress.scatterbrain import (
@@ -15,6 +14,8 @@ from lorakit.compress.scatterbrain import (
     scatterbrain_attention,
 )
 from lorakit.errors import ConfigError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def exact(q: Tensor, k: Tensor, v: Tensor) -> Tensor:

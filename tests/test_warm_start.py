@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli import one_thread  # noqa: F401  (autouse fixture)
 from test_finetune import adapter, lm_options, step_losses
 
 from lorakit.errors import ConfigError
@@ -14,6 +13,8 @@ from lorakit.io.files import read_json
 from lorakit.train.errors import DataError
 from lorakit.train.loop import StepResult, Trainer
 from lorakit.train.run import evaluate_adapter, finetune
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("init", ["lora-ga", "eva"])
