@@ -52,14 +52,21 @@ def _check(observed: Tensor, mask: Tensor, rank: int, iters: int, tol: float, la
                     "lam > 0")
 
 
+CHUNK = 1 << 15  # observed entries whose (r, r) outer products are built at once: keeps them in cache
+
+
 def _solve(factor: Tensor, own: Tensor, other: Tensor, values: Tensor, count: int, lam: float) -> Tensor:
     """The ridge least-squares rows ``x_a`` (``a < count``) of ``min sum_{(a, b)} (values - x_a . factor_b)^2 +
-    lam ||x_a||^2`` over the observed pairs ``(own, other)``, all solved as one batch; ``(count, r)``."""
+    lam ||x_a||^2`` over the observed pairs ``(own, other)``, all solved as one batch; ``(count, r)``. The normal
+    equations are summed over chunks of :data:`CHUNK` entries, so the cost per entry does not grow with ``|Omega|``."""
     r = factor.shape[1]
-    f = factor[other]  # (|Omega|, r)
-    gram = torch.zeros(count, r, r, dtype=f.dtype, device=f.device).index_add_(0, own, f[:, :, None] * f[:, None, :])
-    gram = gram + lam * torch.eye(r, dtype=f.dtype, device=f.device)  # (count, r, r)
-    rhs = torch.zeros(count, r, dtype=f.dtype, device=f.device).index_add_(0, own, f * values[:, None])  # (count, r)
+    gram = lam * torch.eye(r, dtype=factor.dtype, device=factor.device).repeat(count, 1, 1)  # (count, r, r)
+    rhs = torch.zeros(count, r, dtype=factor.dtype, device=factor.device)  # (count, r)
+    for start in range(0, own.numel(), CHUNK):
+        part = slice(start, start + CHUNK)
+        f = factor[other[part]]  # (chunk, r)
+        gram.index_add_(0, own[part], f[:, :, None] * f[:, None, :])
+        rhs.index_add_(0, own[part], f * values[part, None])
     return torch.linalg.solve(gram, rhs)
 
 
