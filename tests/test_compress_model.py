@@ -173,6 +173,19 @@ def test_finetune_runs_on_the_compressed_folder(compressed_dir: tuple[Path, torc
     assert {h.path.rpartition(".")[2] for h in hosts(model)} >= {"up", "down"}
 
 
+def test_full_fine_tuning_of_a_compressed_folder_saves_a_compressed_folder(
+        compressed_dir: tuple[Path, torch.Tensor], data: Path, tmp_path: Path) -> None:
+    folder, logits = compressed_dir
+    out = tmp_path / "full"
+    assert main(["finetune", "--model", str(folder), "--data", str(data), "--task", "classification", "--method",
+                 "full", "--lr", "1e-3", "--eval-size", "16", "--steps", "2", "--output", str(out)]) == 0
+    assert json.loads((out / COMPRESSION_FILE).read_text()) == json.loads((folder / COMPRESSION_FILE).read_text())
+    tuned, _ = load_model(str(out))  # trained in factored form, loaded back as factored layers
+    assert set(factored_layers(tuned)) == set(json.loads((folder / COMPRESSION_FILE).read_text())["layers"])
+    with torch.no_grad():
+        assert not torch.allclose(tuned(IDS).logits, logits)
+
+
 def parse(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     compress_arguments(parser)

@@ -10,6 +10,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from ..compress.model import factored_layers, save_compressed
 from ..inject import configs, trainable_parameters
 from ..io.adapter_files import WEIGHTS_FILE, adapter_tensors
 from .errors import TrainingError
@@ -59,6 +60,9 @@ def save_result(model: nn.Module, output: Path, tokenizer: Any = None) -> str:
         return save_trained(model, output, ADAPTER)
     if not hasattr(model, "save_pretrained"):
         raise TrainingError(f"a fully fine-tuned {type(model).__name__} has no save_pretrained: save its state_dict")
+    if factored_layers(model):  # a compressed base (LORD) fine-tuned in factored form: keep it loadable as such
+        save_compressed(model, tokenizer, output)
+        return "fine-tuned compressed model"
     model.save_pretrained(output)
     if tokenizer is not None:
         tokenizer.save_pretrained(output)
