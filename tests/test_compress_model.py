@@ -186,6 +186,23 @@ def test_full_fine_tuning_of_a_compressed_folder_saves_a_compressed_folder(
         assert not torch.allclose(tuned(IDS).logits, logits)
 
 
+def test_the_server_serves_a_compressed_folder_as_generate_does(compressed_dir: tuple[Path, torch.Tensor]) -> None:
+    from fastapi.testclient import TestClient
+
+    from lorakit.serve.engine import Engine
+    from lorakit.serve.server import create_app
+
+    model, tokenizer = load_model(str(compressed_dir[0]))  # what `lorakit serve --model FOLDER` loads
+    ids = tokenizer("the day was", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = tokenizer.decode(model.generate(ids, max_new_tokens=3, do_sample=False,
+                                                   pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1]:])
+    with TestClient(create_app(Engine(model, tokenizer), "base")) as client:
+        reply = client.post("/v1/completions", json={"model": "base", "prompt": "the day was", "max_tokens": 3,
+                                                     "temperature": 0})
+    assert reply.status_code == 200 and reply.json()["choices"][0]["text"] == expected
+
+
 def parse(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     compress_arguments(parser)
