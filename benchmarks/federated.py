@@ -27,7 +27,8 @@ def run(name: str, args: argparse.Namespace, workdir: Path, epsilon: float | Non
     sb = AGGREGATORS.get(name).method == "lora-xs"  # LoRA-SB trains r x r: the convergence benchmark's r and lr
     opts = Options(rank=args.sb_rank if sb else 8, alpha=2.0 * (args.sb_rank if sb else 8),
                    lr=args.sb_lr if sb else args.lr, batch_size=args.batch_size, output=str(workdir / name),
-                   overwrite=True, seed=args.seed)
+                   overwrite=True, seed=args.seed,
+                   method_options={"init_options": {"lr": args.sb_init_lr}} if sb and args.sb_init_lr else {})
     privacy = PrivacyConfig(target_epsilon=epsilon, max_grad_norm=1.0) if epsilon else None
     ranks = (4, 8, 16) if AGGREGATORS.get(name).fresh else ()
     config = FederationConfig(options=opts, aggregator=name, clients=args.clients, rounds=args.rounds,
@@ -70,6 +71,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--sb-rank", type=int, default=32, help="fed-sb's rank (it trains r x r per layer)")
     parser.add_argument("--sb-lr", type=float, default=2e-3, help="fed-sb's learning rate")
+    parser.add_argument("--sb-init-lr", type=float, help="the lr of LoRA-SB's simulated first step (its default: 1e-3)")
     parser.add_argument("--partition", default="dirichlet:0.3")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the rows to this file")

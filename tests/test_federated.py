@@ -164,8 +164,11 @@ def test_cli_federate_and_its_errors(setup, tmp_path, capsys) -> None:
     model, data = setup
     args = ["federate", "--model", str(model), "--data", str(data), "--task", "classification", "--clients", "2",
             "--rounds", "1", "--local-steps", "1", "--rank", "2", "--server-examples", "4", "--eval-size", "8",
-            "--output", str(tmp_path / "run"), "--aggregator", "fed-sb"]
+            "--output", str(tmp_path / "run"), "--aggregator", "fed-sb", "--method-option",
+            'init_options={"lr": 1e-5}']
     assert main(args) == 0
     assert "round 1/1" in capsys.readouterr().out
+    settings = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert settings["options"]["method_options"] == {"init_options": {"lr": 1e-5}}
     assert main(args) == 2 and "not empty" in capsys.readouterr().err
     assert main([*args, "--overwrite", "--inject-faults", "x=nan"]) == 2 and "cK" in capsys.readouterr().err

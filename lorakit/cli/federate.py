@@ -58,6 +58,9 @@ def federate_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--rank", type=int, default=16)
     train.add_argument("--alpha", type=float, default=32.0)
     train.add_argument("--targets", default="all-linear")
+    train.add_argument("--method-option", dest="method_options", action=KeyValue, default={}, metavar="KEY=VALUE",
+                       help="another config field of the clients' method, e.g. init_options='{\"lr\": 1e-5}' for "
+                            "fed-sb's LoRA-SB initialisation")
     train.add_argument("--lr", type=float, default=1e-3)
     train.add_argument("--batch-size", type=int, default=8)
     train.add_argument("--seed", type=int, default=0)
