@@ -19,7 +19,7 @@ from ..inject import parameter_roles, trainable_parameters
 from ..optim import build_optimizer
 from ..train.data import BatchOrder
 from ..train.errors import TrainingError
-from .layers import Layers, add_to_base, base_weights, load_tensors, trained_tensors
+from .layers import Layers, add_to_base, load_tensors, trained_tensors
 from .privacy import PrivateSteps
 from .setup import ADAPTER, Federation
 
@@ -33,18 +33,13 @@ class ClientResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-_ORIGINALS: dict[int, dict[str, Tensor]] = {}  # per model: the base weights before any FLoRA merge
-
-
 def prepare_model(fed: Federation, payload: Layers, merged: Mapping[str, tuple[Tensor, Tensor]], rank: int | None,
                   seed: int | None) -> None:
     """Set the model to the global state: base weights with the merged updates (FLoRA), adapter from the seed (or
     ``seed``) at ``rank``, overwritten with ``payload``."""
     fed.fresh_adapter(rank, seed)
     if fed.config.rule.fresh:
-        if id(fed.model) not in _ORIGINALS:
-            _ORIGINALS[id(fed.model)] = base_weights(fed.model, ADAPTER)
-        originals = _ORIGINALS[id(fed.model)]
+        originals = fed.original_weights()
         zero = {p: (w.new_zeros(w.shape[0], 0), w.new_zeros(0, w[0].numel())) for p, w in originals.items()}
         add_to_base(fed.model, ADAPTER, {**zero, **merged}, originals)
     load_tensors(fed.model, ADAPTER, payload)

@@ -24,9 +24,9 @@ from .aggregators import LayerRound, aggregation_error
 from .client import ClientResult, prepare_model
 from .client_dp import privatise
 from .faults import Excluded, screen
-from .layers import Layers, flatten, layer_tensors, nbytes, unflatten
+from .layers import Layers, flatten, nbytes, unflatten
 from .privacy import PrivacyLedger
-from .setup import ADAPTER, Federation
+from .setup import Federation
 
 STATE_FILE, SERVER_FILE = "federation.safetensors", "federation.json"
 MERGED_UP, MERGED_DOWN = "merged_up", "merged_down"
@@ -61,8 +61,7 @@ class FederatedServer:
 
     def __init__(self, fed: Federation) -> None:
         self.fed, self.config = fed, fed.config
-        fed.fresh_adapter()
-        self.seed_state = layer_tensors(fed.model, ADAPTER)  # what every client rebuilds from the shared seed
+        self.seed_state = fed.seed_state()
         self.state = fed.initial_state()
         self.scale = float(getattr(fed.adapter_config(), "scale", 1.0))
         self.merged: dict[str, tuple[Tensor, Tensor]] = {}
@@ -79,8 +78,8 @@ class FederatedServer:
                 for path, roles in self.state.items()}
 
     def down_bytes(self) -> int:
-        return nbytes(self.payload()) + sum(u.numel() * u.element_size() + d.numel() * d.element_size()
-                                            for u, d in self.merged.values())
+        merged = {p: {MERGED_UP: up, MERGED_DOWN: down} for p, (up, down) in self.merged.items()}
+        return nbytes(self.payload()) + nbytes(merged)
 
     def changed_bytes(self) -> int:
         """Bytes a client that kept last round's state needs now (the roles that changed, FLoRA's new stack); moves

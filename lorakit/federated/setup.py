@@ -25,7 +25,7 @@ from ..train.run import adapter_config, prepare_data, records_of
 from ..train.tasks import ClassificationTask, Example, Task
 from ..train.warm_start import initialize_from_task, needs_data
 from .aggregators import AGGREGATORS, Aggregator
-from .layers import layer_tensors, load_tensors
+from .layers import base_weights, layer_tensors, load_tensors
 from .partition import parse_partition, partition
 from .privacy import PrivacyConfig
 
@@ -109,6 +109,7 @@ class Federation:
     held_out: list[Example]
     server_examples: list[Example]
     _seed_state: dict[str, dict[str, torch.Tensor]] | None = field(default=None, repr=False)
+    _originals: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
     def adapter_config(self, rank: int | None = None) -> Any:
         """The config of the adapter clients train (the aggregator's method at ``rank``)."""
@@ -131,6 +132,17 @@ class Federation:
         torch.manual_seed(self.config.options.seed if seed is None else seed)
         adapt(self.model, self.adapter_config(rank), ADAPTER, dtype=torch.float32)
         self._seed_state = layer_tensors(self.model, ADAPTER) if seed is None and rank is None else None
+
+    def seed_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The shared-seed adapter's tensors (what every client rebuilds without receiving them)."""
+        self.fresh_adapter()
+        return self._seed_state
+
+    def original_weights(self) -> dict[str, torch.Tensor]:
+        """The adapted layers' frozen weights before any FLoRA merge (copied on first use)."""
+        if self._originals is None:
+            self._originals = base_weights(self.model, ADAPTER)
+        return self._originals
 
     def initial_state(self) -> dict[str, dict[str, torch.Tensor]]:
         """The global adapter before round 1: the shared-seed adapter, data-initialised on the server's examples
