@@ -24,7 +24,7 @@ from lorakit.train.options import Options
 
 
 def run(name: str, args: argparse.Namespace, workdir: Path, epsilon: float | None) -> dict:
-    sb = AGGREGATORS.get(name).method == "lora-xs"  # LoRA-SB trains r x r: the convergence benchmark's r and lr
+    sb = AGGREGATORS.get(name).init == "lora-sb"  # LoRA-SB trains r x r: the convergence benchmark's r and lr
     opts = Options(rank=args.sb_rank if sb else 8, alpha=2.0 * (args.sb_rank if sb else 8),
                    lr=args.sb_lr if sb else args.lr, batch_size=args.batch_size, output=str(workdir / name),
                    overwrite=True, seed=args.seed,

@@ -84,6 +84,7 @@ class Aggregator:
     others: bool = False  # also takes and averages uploaded non-low-rank roles (a DoRA magnitude, ...)
     averaging: bool = True  # the new global depends on the uploads only through their weighted mean (client-level DP)
     summary: str = ""
+    init: str | None = None  # the initialiser of the clients' method the paper uses (None: the method's own)
 
 
 AGGREGATORS: Registry[Aggregator] = Registry("aggregator")
@@ -168,7 +169,7 @@ Rule = Callable[[LayerRound], LayerResult]
 
 
 def _entry(name: str, method: str, sends: tuple[str, ...], exact: bool, fresh: bool = False,
-           others: bool = False, averaging: bool = True) -> Callable[[Rule], Rule]:
+           others: bool = False, averaging: bool = True, init: str | None = None) -> Callable[[Rule], Rule]:
     """Register the decorated rule as an :class:`Aggregator` that checks the uploads first."""
     def wrap(body: Rule) -> Rule:
         @functools.wraps(body)
@@ -177,7 +178,7 @@ def _entry(name: str, method: str, sends: tuple[str, ...], exact: bool, fresh: b
             return body(layer)
 
         summary = (body.__doc__ or "").strip().splitlines()[0]
-        AGGREGATORS.register(name, Aggregator(name, fn, method, sends, exact, fresh, others, averaging, summary))
+        AGGREGATORS.register(name, Aggregator(name, fn, method, sends, exact, fresh, others, averaging, summary, init))
         return fn
 
     return wrap
@@ -197,7 +198,7 @@ def ffa_lora(layer: LayerRound) -> LayerResult:
     return LayerResult(_cast(layer, {"B": _mean(layer, "B", scaled=True)}))
 
 
-@_entry("fed-sb", "lora-xs", ("R",), exact=True)
+@_entry("fed-sb", "lora-xs", ("R",), exact=True, init="lora-sb")
 def fed_sb(layer: LayerRound) -> LayerResult:
     """Fed-SB (Singhal et al., 2025): LoRA-SB's ``R = sum_k p_k R_k`` (exact: ``B``, ``A`` shared; r^2 per client)."""
     return LayerResult(_cast(layer, {"R": _mean(layer, "R", scaled=True)}))

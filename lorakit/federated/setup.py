@@ -115,8 +115,8 @@ class Federation:
         """The config of the adapter clients train (the aggregator's method at ``rank``)."""
         opts = dataclasses.replace(self.config.options, method=self.config.rule.method,
                                    rank=rank or self.config.options.rank)
-        if self.config.rule.method == "lora-xs" and opts.init is None:
-            opts = dataclasses.replace(opts, init="lora-sb")  # Fed-SB trains LoRA-SB's core
+        if self.config.rule.init is not None and opts.init is None:
+            opts = dataclasses.replace(opts, init=self.config.rule.init)  # Fed-SB: LoRA-SB's core
         return adapter_config(opts)
 
     def fresh_adapter(self, rank: int | None = None, seed: int | None = None) -> None:
