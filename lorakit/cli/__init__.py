@@ -8,6 +8,7 @@
     lorakit extract --model runs/full --rank 16 --output lora/
     lorakit compress --rank-ratio 0.4 --method activation --output smollm2-lord/
     lorakit federate --clients 8 --rounds 10 --aggregator fed-sb --partition dirichlet:0.3
+    lorakit continual --method lae                    # tweets, shakespeare, dialogue in sequence: accuracy matrix
     torchrun --nproc-per-node 2 -m lorakit finetune ...
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Callable, Sequence
 
 from ..errors import LorakitError
 from ..serve import cli as serve_cli
-from . import commands, compress, federate, merge
+from . import commands, compress, continual, federate, merge
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,9 @@ COMMANDS: dict[str, Command] = {
                         compress.run_compress),
     "federate": Command("federated fine-tuning over simulated clients (Flower; FedAvg, FFA-LoRA, Fed-SB, FLoRA, "
                         "FedSVD, LoRA-FAIR; DP-SGD)", federate.federate_arguments, federate.run_federate),
+    "continual": Command("learn a sequence of tasks (sequential, LAE, CoDyRA, AlignGuard) and unlearn some (O3, "
+                         "GS-LoRA): accuracy matrix, average accuracy, forgetting", continual.continual_arguments,
+                         continual.run_continual),
     "extract": Command("extract a LoRA from a fully fine-tuned model's difference to its base",
                        merge.extract_arguments, merge.run_extract),
 }

@@ -1,0 +1,197 @@
+"""O3: practical continual unlearning with an orthogonal LoRA and an OOD detector (Gao et al., ICLR 2025;
+METHODS.md entry 79).
+
+Per unlearning request ``k``:
+
+* **Orthogonal LoRA** ``forget{k}`` trained on the forget data only (no retained data), with the O-LoRA penalty
+  ``λ Σ_{i<k} Σ_layers ||A_k A_i^T||_F^2`` keeping its input subspace disjoint from earlier requests'. The
+  unlearning objective follows the authors' classification setup: the forget examples relabelled at random
+  (fixed per example), so the task's accuracy falls to chance.
+* **OOD detector**: features are the base model's token-averaged hidden states at a few layers (adapters
+  disabled); a projection head per layer is trained with a contrastive (InfoNCE cross-entropy) loss between two
+  views of each forget example (random token masking). The *local* score of a layer is the highest cosine
+  similarity of an input's projection to the forget set's; the *global* score averages the layers. Calibrated on
+  held-out forget examples only: ``s(x) = sigmoid((score - τ) / T)``, ``τ`` their 5% quantile and ``T`` a third of
+  the distance from ``τ`` to their median (so a typical forget input gets ``s ≈ 0.95``).
+* **Inference**: every layer computes ``W x + Σ_k s_k(x) ΔW_k x`` (per-row weights, :func:`lorakit.mix`);
+  ``s = 0`` is exactly the base model.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import require
+from ..hooks import TrainingHook
+from ..hosts.host import hosts
+from ..inject import disable, set_active
+from ..mixing import mix
+from ..train.tasks import ClassificationTask, Example
+from .learners import DEFAULT_ADAPTER, AdapterSettings, fresh_adapter
+from .loop import DEFAULT_FIT, Batch, FitSettings, fit
+from .unlearn import UNLEARNERS, Retained, Unlearner
+
+
+class Orthogonality(TrainingHook):
+    """O-LoRA's regulariser: ``weight * Σ_{earlier} Σ_layers ||A_name A_earlier^T||_F^2`` (earlier ones fixed)."""
+
+    def __init__(self, name: str, earlier: Sequence[str], weight: float) -> None:
+        self.name, self.earlier, self.weight = name, list(earlier), weight
+
+    def penalty(self, model: nn.Module) -> Tensor:
+        total = None
+        for host in hosts(model):
+            if self.name not in host.adapters:
+                continue
+            a = host.adapters[self.name].a
+            for other in self.earlier:
+                if other in host.adapters:
+                    term = (a @ host.adapters[other].a.detach().T).square().sum()
+                    total = term if total is None else total + term
+        return total if total is not None else torch.zeros(())
+
+    def regulariser(self, model: nn.Module) -> Tensor | None:
+        return self.weight * self.penalty(model) if self.earlier else None
+
+
+def mean_hidden(model: nn.Module, batch: Batch, layers: Sequence[int]) -> list[Tensor]:
+    """Token-averaged hidden states ``(B, H)`` of the base model (adapters disabled) at ``layers``."""
+    with torch.no_grad(), disable(model):
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    position_ids=batch["position_ids"], output_hidden_states=True)
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    return [(out.hidden_states[i].float() * mask).sum(1) / mask.sum(1) for i in layers]
+
+
+def masked_view(batch: Batch, rate: float, generator: torch.Generator) -> Batch:
+    """The batch with a random ``rate`` of its real tokens (never the last) masked out of attention."""
+    mask = batch["attention_mask"].clone()
+    drop = (torch.rand(mask.shape, generator=generator) < rate) & mask.bool()
+    drop[:, -1] = False
+    mask[drop] = 0
+    return {**batch, "attention_mask": mask}
+
+
+class OodDetector(nn.Module):
+    """O3's detector for one request (module docstring): projection heads, the forget set's bank, calibration."""
+
+    def __init__(self, hidden: int, layers: Sequence[int], dim: int = 64, temperature: float = 0.1) -> None:
+        super().__init__()
+        self.layers, self.temperature = list(layers), temperature
+        self.heads = nn.ModuleList(nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, dim))
+                                   for _ in self.layers)
+        self.bank: list[Tensor] = []
+        self.tau, self.spread = 0.0, 1.0
+
+    def project(self, features: list[Tensor]) -> list[Tensor]:
+        return [F.normalize(head(f), dim=-1) for head, f in zip(self.heads, features)]
+
+    def score(self, features: list[Tensor]) -> Tensor:
+        """Global score: the mean over layers of the highest cosine similarity to the forget bank."""
+        with torch.no_grad():
+            local = [(z @ bank.T).max(-1).values for z, bank in zip(self.project(features), self.bank)]
+        return torch.stack(local).mean(0)
+
+    def weight(self, features: list[Tensor]) -> Tensor:
+        """``s(x)`` in ``(0, 1)`` per row."""
+        return torch.sigmoid((self.score(features) - self.tau) / self.spread)
+
+    def fit(self, views: tuple[list[Tensor], list[Tensor]], held: list[Tensor], steps: int = 200,
+            lr: float = 1e-3, seed: int = 0) -> list[float]:
+        """Contrastive training on two views (each a per-layer list of ``(N, H)``), then bank and calibration."""
+        torch.manual_seed(seed)
+        optimizer = torch.optim.AdamW(self.heads.parameters(), lr=lr)
+        losses = []
+        n = views[0][0].shape[0]
+        for _ in range(steps):
+            rows = torch.randperm(n)[:min(n, 64)]
+            z1 = self.project([f[rows] for f in views[0]])
+            z2 = self.project([f[rows] for f in views[1]])
+            target = torch.arange(len(rows))
+            loss = sum(F.cross_entropy(a @ b.T / self.temperature, target) for a, b in zip(z1, z2)) / len(z1)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+        with torch.no_grad():
+            self.bank = self.project(views[0])
+            scores = self.score(held)
+        self.tau = float(torch.quantile(scores, 0.05))
+        self.spread = max(1e-3, (float(scores.median()) - self.tau) / 3)
+        return losses
+
+
+class O3(Unlearner):
+    """O3 (module docstring). ``orthogonal_weight``: λ of the O-LoRA penalty; ``detector_layers``: how many evenly
+    spaced hidden layers the detector reads; ``gate``: False applies every unlearning adapter fully (the ablation)."""
+
+    name = "o3"
+
+    def __init__(self, adapter: AdapterSettings = DEFAULT_ADAPTER, settings: FitSettings = DEFAULT_FIT,
+                 orthogonal_weight: float = 1.0, detector_layers: int = 4, detector_steps: int = 200,
+                 gate: bool = True) -> None:
+        super().__init__(adapter, settings)
+        require(orthogonal_weight >= 0, "orthogonal_weight", orthogonal_weight, "must be >= 0")
+        require(isinstance(detector_layers, int) and detector_layers >= 1, "detector_layers", detector_layers,
+                "must be an integer >= 1")
+        self.orthogonal_weight, self.detector_layers = orthogonal_weight, detector_layers
+        self.detector_steps, self.gate = detector_steps, gate
+        self.names: list[str] = []
+        self.detectors: list[OodDetector] = []
+
+    def _layers(self, model: nn.Module) -> list[int]:
+        n = model.config.num_hidden_layers
+        return sorted({round(n * (i + 1) / self.detector_layers) for i in range(self.detector_layers)})
+
+    def _detector(self, model: nn.Module, scorer: ClassificationTask, examples: Sequence[Example]) -> OodDetector:
+        generator = torch.Generator().manual_seed(self.settings.seed)
+        held_n = max(1, len(examples) // 5)
+        train, held = examples[held_n:], examples[:held_n]
+        layers = self._layers(model)
+        views: tuple[list[list[Tensor]], list[list[Tensor]]] = ([], [])
+        for first in range(0, len(train), 32):
+            batch = scorer.collate(train[first:first + 32])
+            for view in views:
+                view.append(mean_hidden(model, masked_view(batch, 0.15, generator), layers))
+        cat = tuple([torch.cat([chunk[i] for chunk in view]) for i in range(len(layers))] for view in views)
+        held_features = [torch.cat(f) for f in zip(*(mean_hidden(model, scorer.collate(held[i:i + 32]), layers)
+                                                     for i in range(0, len(held), 32)))]
+        detector = OodDetector(model.config.hidden_size, layers)
+        detector.fit(cat, held_features, steps=self.detector_steps, seed=self.settings.seed)
+        return detector
+
+    def forget(self, model: nn.Module, scorer: ClassificationTask, examples: Sequence[Example],
+               retained: Retained) -> list[float]:
+        name = f"forget{len(self.names)}"
+        rng = random.Random(self.settings.seed + len(self.names))
+        relabelled = [replace(e, label=rng.randrange(len(scorer.labels))) for e in examples]
+        params = fresh_adapter(model, self.adapter.lora(), name)
+        hooks = [Orthogonality(name, self.names, self.orthogonal_weight)]
+        losses = fit(model, scorer, relabelled, params, self.settings, hooks)
+        set_active(model, [])
+        self.detectors.append(self._detector(model, scorer, examples))
+        self.names.append(name)
+        return losses
+
+    def weights(self, model: nn.Module, batch: Batch) -> Tensor:
+        """``(B, requests)``: each request's ``s(x)`` (all ones without gating)."""
+        rows = batch["input_ids"].shape[0]
+        if not self.gate:
+            return torch.ones(rows, len(self.names))
+        features = mean_hidden(model, batch, sorted({i for d in self.detectors for i in d.layers}))
+        by_layer = dict(zip(sorted({i for d in self.detectors for i in d.layers}), features))
+        return torch.stack([d.weight([by_layer[i] for i in d.layers]) for d in self.detectors], dim=1)
+
+    def predict(self, model: nn.Module, scorer: ClassificationTask, batch: Batch) -> Tensor:
+        if not self.names:
+            return scorer.label_logits(model, batch)
+        with mix(model, self.names, self.weights(model, batch)):
+            return scorer.label_logits(model, batch)
+
+
+UNLEARNERS.register("o3", O3)
