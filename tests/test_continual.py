@@ -1,6 +1,8 @@
 """Continual learning and unlearning (lorakit.continual) on a tiny random Llama and three synthetic keyword tasks."""
 from __future__ import annotations
 
+import copy
+import functools
 import random
 
 import pytest
@@ -14,16 +16,22 @@ from lorakit.continual.tasks import ContinualTask
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-FILLER = ["the", "a", "of", "to", "and", "in", "is", "it", "on", "at"]
+FILLER = {  # besides shared words, each task has its own domain's words, as real tasks do (O3's detector reads them)
+    "colour": ["paint", "brush", "canvas", "shade", "hue", "tint"],
+    "motion": ["road", "wheel", "speed", "track", "engine", "gear"],
+    "animal": ["farm", "barn", "field", "hay", "fence", "stable"],
+}
 TASKS = {  # task -> label -> keywords deciding it
     "colour": {"red": ["apple", "fire", "blood"], "blue": ["sky", "sea", "ice"]},
     "motion": {"up": ["rise", "climb", "lift"], "down": ["fall", "drop", "sink"]},
     "animal": {"cat": ["meow", "purr", "whisker"], "dog": ["bark", "wag", "fetch"]},
 }
+SHARED = ["the", "a", "of", "to", "and", "in", "is", "it", "on", "at"]
 
 
 def tiny_model() -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
-    words = FILLER + [w for labels in TASKS.values() for lab, kws in labels.items() for w in [lab, *kws]] + ["Label"]
+    keywords = [w for labels in TASKS.values() for label, kws in labels.items() for w in [label, *kws]]
+    words = SHARED + [w for f in FILLER.values() for w in f] + keywords + ["Label"]
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.train_from_iterator([" ".join(words)], trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>"]))
@@ -35,13 +43,17 @@ def tiny_model() -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
     return LlamaForCausalLM(config).eval(), fast
 
 
-def keyword_task(name: str, n_train: int = 64, n_eval: int = 32, seed: int = 0) -> ContinualTask:
+def keyword_task(name: str, n_train: int = 64, n_eval: int = 32, seed: int = 0,
+                 domains: bool = False) -> ContinualTask:
+    """Rows of shared filler words and one keyword deciding the label; with ``domains``, one filler word comes from
+    the task's own domain."""
     rng = random.Random(seed)
     labels = TASKS[name]
 
     def row() -> dict[str, str]:
         label = rng.choice(sorted(labels))
-        words = rng.sample(FILLER, 3) + [rng.choice(labels[label])]
+        context = [rng.choice(FILLER[name])] + rng.sample(SHARED, 2) if domains else rng.sample(SHARED, 4)
+        words = context + [rng.choice(labels[label])]
         rng.shuffle(words)
         return {"text": " ".join(words), "label": label}
 
@@ -49,15 +61,17 @@ def keyword_task(name: str, n_train: int = 64, n_eval: int = 32, seed: int = 0) 
                          "{text} Label :")
 
 
-def tasks() -> list[ContinualTask]:
-    return [keyword_task(n, seed=i) for i, n in enumerate(TASKS)]
+def tasks(domains: bool = False) -> list[ContinualTask]:
+    return [keyword_task(n, seed=i, domains=domains) for i, n in enumerate(TASKS)]
 
 
 ADAPTER = AdapterSettings(rank=4, alpha=8, targets="all-linear")
 FIT = FitSettings(steps=30, batch_size=8, lr=1e-2)
 
 
+@functools.cache
 def learn(method: str, **options) -> tuple[torch.nn.Module, AccuracyMatrix, object]:
+    """The tasks learned in sequence by ``method`` (cached: tests only read the result)."""
     model, tok = tiny_model()
     learner = LEARNERS.get(method)(ADAPTER, FIT, **options)
     model, matrix = run_sequence(model, tok, tasks(), learner, log=lambda s: None)
@@ -127,13 +141,30 @@ def test_lae_ensemble_in_one_call_equals_separate_runs() -> None:
     assert not torch.allclose(probs[0], probs[1])  # the two experts differ, so the max is a real choice
 
 
-def test_lae_forgets_less_than_sequential() -> None:
-    _, seq, _ = learn("sequential")
-    model, lae, _ = learn("lae")
-    assert lae.forgetting() < seq.forgetting() - 0.1
-    assert lae.average_accuracy() > seq.average_accuracy()
+def test_lae_offline_adapter_accumulates_the_online_one() -> None:
+    """m = 0: the offline adapter is the online one; m ~ 1: it stays the copy taken when the second task began."""
+    model, tok = tiny_model()
+    (s0, tr0, _), (s1, tr1, _) = [t.encoded(tok) for t in tasks()[:2]]
+    snapshots = {}
+    for momentum in (0.0, 1 - 1e-9):
+        model, _ = tiny_model()
+        learner = LEARNERS.get("lae")(ADAPTER, FIT, momentum=momentum)
+        learner.learn(model, 0, s0, tr0)
+        at_task_start = {k: v.clone() for k, v in lorakit.trainable_parameters(model, "online").items()}
+        learner.learn(model, 1, s1, tr1)
+        assert set(lorakit.trainable_parameters(model)) == set(lorakit.trainable_parameters(model, "online"))
+        online = lorakit.trainable_parameters(model, "online")
+        offline = {k: v for k, v in model.state_dict().items() if ".offline." in k}
+        snapshots[momentum] = (at_task_start, online, offline)
+    start, online, offline = snapshots[0.0]
+    for key, value in online.items():
+        torch.testing.assert_close(offline[key.replace(".online.", ".offline.")], value)
+    start, online, offline = snapshots[1 - 1e-9]
+    for key, value in start.items():
+        torch.testing.assert_close(offline[key.replace(".online.", ".offline.")], value)
+        assert not torch.allclose(online[key], value)  # the online adapter moved on
     with pytest.raises(lorakit.LorakitError, match="ensemble"):
-        LEARNERS.get("lae")(ADAPTER, FIT).finish(model)
+        learner.finish(model)
 
 
 # -- CoDyRA ----------------------------------------------------------------------------------------------------------
@@ -242,20 +273,38 @@ def test_alignguard_protects_the_earlier_task() -> None:
 
 
 # -- O3 --------------------------------------------------------------------------------------------------------------
-def learned_then_forget(unlearn: str, forget: list[str], **options) -> tuple[torch.nn.Module, AccuracyMatrix, object]:
-    from lorakit.continual.gs_lora import FFN_TARGETS
-
+@functools.cache
+def joint_on_domains() -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
+    """Every domain task learned jointly and merged: the model unlearning requests act on."""
     model, tok = tiny_model()
+    learner = LEARNERS.get("joint")(ADAPTER, FitSettings(steps=80, batch_size=8, lr=1e-2))
+    model, _ = run_sequence(model, tok, tasks(domains=True), learner, log=lambda s: None)
+    return learner.finish(model), tok
+
+
+def learned_then_forget(unlearn: str, forget: list[str], **options) -> tuple[torch.nn.Module, list[list[float]],
+                                                                            object]:
+    """The joint-learned model (all tasks known, merged) after ``unlearn`` handled the ``forget`` requests:
+    ``(model, [accuracies before, after each request], unlearner)``."""
+    from lorakit.continual.gs_lora import FFN_TARGETS
+    from lorakit.continual.loop import accuracy
+
+    joint, tok = joint_on_domains()
+    model = copy.deepcopy(joint)
+    encoded = [t.encoded(tok) for t in tasks(domains=True)]
     adapter = AdapterSettings(rank=4, alpha=8, targets=FFN_TARGETS) if unlearn == "gs-lora" else ADAPTER
     unlearner = UNLEARNERS.get(unlearn)(adapter, FIT, **options)
-    model, matrix = run_sequence(model, tok, tasks(), LEARNERS.get("joint")(ADAPTER, FIT), unlearner, forget,
-                                 log=lambda s: None)
-    return model, matrix, unlearner
+    rows = [[accuracy(model, s, held) for s, _, held in encoded]]
+    for name in forget:
+        index = list(TASKS).index(name)
+        retained = [(s, tr) for i, (s, tr, _) in enumerate(encoded) if i != index]
+        unlearner.forget(model, encoded[index][0], encoded[index][1], retained)
+        rows.append([accuracy(model, s, held, unlearner.predict) for s, _, held in encoded])
+    return model, rows, unlearner
 
 
 def test_o3_unlearns_one_task_and_keeps_the_others() -> None:
-    _, m, o3 = learned_then_forget("o3", ["motion"])
-    learned, after = m.rows[2], m.rows[3]
+    _, (learned, after), o3 = learned_then_forget("o3", ["motion"])
     assert learned[1] > 0.8  # motion was learned (joint training)
     assert after[1] <= 0.65  # ...and is at chance (2 labels) after the request
     for i in (0, 2):
@@ -263,15 +312,14 @@ def test_o3_unlearns_one_task_and_keeps_the_others() -> None:
 
 
 def test_o3_gate_separates_the_forget_task_and_zero_weight_is_the_base() -> None:
-    model, m, o3 = learned_then_forget("o3", ["motion"])
-    _, tok = tiny_model()
+    model, _, o3 = learned_then_forget("o3", ["motion"])
+    _, tok = joint_on_domains()
     scores = {}
-    for task in tasks():
+    for task in tasks(domains=True):
         scorer, _, held = task.encoded(tok)
         scores[task.name] = float(o3.weights(model, scorer.collate(held)).mean())
-    # a random tiny model's features barely tell the tasks apart (one keyword among fillers); SmolLM2's do
-    assert scores["motion"] > 0.8 and scores["motion"] > max(scores["colour"], scores["animal"]) + 0.1, scores
-    scorer, _, held = tasks()[0].encoded(tok)
+    assert scores["motion"] > 0.8 and scores["colour"] < 0.2 and scores["animal"] < 0.2, scores
+    scorer, _, held = tasks(domains=True)[0].encoded(tok)
     batch = scorer.collate(held[:5])
     with torch.no_grad(), lorakit.mix(model, o3.names, torch.zeros(5, 1)):
         gated_off = scorer.label_logits(model, batch)
@@ -304,14 +352,15 @@ def test_group_prox_zeroes_whole_groups_and_shrinks_the_rest_exactly() -> None:
 
 
 def test_gs_lora_forgets_and_sparsity_grows_with_lambda() -> None:
-    counts = []
-    for lam in (0.0, 3.0, 30.0):
-        _, m, gs = learned_then_forget("gs-lora", ["motion"], group_lambda=lam)
-        from lorakit.continual.gs_lora import nonzero_groups
+    from lorakit.continual.gs_lora import nonzero_groups
 
+    counts = []
+    for lam in (0.0, 30.0, 100.0):
+        _, (learned, after), gs = learned_then_forget("gs-lora", ["motion"], group_lambda=lam)
         counts.append(len(nonzero_groups(gs.groups)))
         if lam == 0.0:
-            assert m.rows[3][1] <= 0.65 < m.rows[2][1]  # the forgotten task falls to chance
+            assert after[1] <= 0.65 < learned[1]  # the forgotten task falls to chance...
+            assert after[0] >= 0.95 * learned[0] and after[2] >= 0.95 * learned[2]  # ...not the rest
     assert counts[0] >= counts[1] >= counts[2] and counts[0] > counts[2], counts
 
 

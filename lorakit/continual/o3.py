@@ -5,22 +5,27 @@ Per unlearning request ``k``:
 
 * **Orthogonal LoRA** ``forget{k}`` trained on the forget data only (no retained data), with the O-LoRA penalty
   ``λ Σ_{i<k} Σ_layers ||A_k A_i^T||_F^2`` keeping its input subspace disjoint from earlier requests'. The
-  unlearning objective follows the authors' classification setup: the forget examples relabelled at random
-  (fixed per example), so the task's accuracy falls to chance.
-* **OOD detector**: features are the base model's token-averaged hidden states at a few layers (adapters
-  disabled); a projection head per layer is trained with a contrastive (InfoNCE cross-entropy) loss between two
-  views of each forget example (random token masking). The *local* score of a layer is the highest cosine
-  similarity of an input's projection to the forget set's; the *global* score averages the layers. Calibrated on
-  held-out forget examples only: ``s(x) = sigmoid((score - τ) / T)``, ``τ`` their 5% quantile and ``T`` a third of
-  the distance from ``τ`` to their median (so a typical forget input gets ``s ≈ 0.95``).
+  unlearning objective is the cross-entropy between the uniform distribution and the model's over the task's
+  labels, so its predictions fall to chance. (The authors' ScienceQA code relabels the forget data at random;
+  tried here, held-out forget examples kept 72% accuracy on a 2-label task, since the rule that decides them is
+  not what random labels remove.)
+* **OOD detector**: features are the base model's token-averaged hidden states at a few layers (adapters disabled).
+  The *local* score of a layer is minus the squared Mahalanobis distance of an input's feature to a Gaussian fitted on
+  the forget set's (``shrinkage`` times the mean variance added to the covariance's diagonal); the *global* score
+  averages the layers, each in units of its median on held-out forget examples. Calibrated on those held-out forget
+  examples only: ``s(x) = sigmoid((score - τ) / T)``, ``τ`` their 5% quantile and ``T`` a third of the distance from
+  ``τ`` to their median (so a typical forget input gets ``s ≈ 0.95``). With ``contrastive=True`` the features first
+  pass through a projection head per layer trained with the paper's contrastive (InfoNCE cross-entropy) loss between
+  two views of each forget example (random token masking). Measured on the tiny test model, the trained heads (fitted
+  on forget data alone) erased the separation the raw features have (Mahalanobis medians -17 for the forget task vs
+  -33 / -64 for the others on raw features; -47 vs -44 / -61 after the heads), so raw features are the default; the
+  paper's exact loss and head are not in its abstract.
 * **Inference**: every layer computes ``W x + Σ_k s_k(x) ΔW_k x`` (per-row weights, :func:`lorakit.mix`);
   ``s = 0`` is exactly the base model.
 """
 from __future__ import annotations
 
-import random
-from dataclasses import replace
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +64,13 @@ class Orthogonality(TrainingHook):
         return self.weight * self.penalty(model) if self.earlier else None
 
 
+def uniform_target(scorer: ClassificationTask) -> Callable[[nn.Module, Batch], Tensor]:
+    """Cross-entropy from the uniform distribution over the task's labels: ``-mean_labels log p(label | x)``."""
+    def loss(model: nn.Module, batch: Batch) -> Tensor:
+        return -scorer.label_logits(model, batch).log_softmax(-1).mean()
+    return loss
+
+
 def mean_hidden(model: nn.Module, batch: Batch, layers: Sequence[int]) -> list[Tensor]:
     """Token-averaged hidden states ``(B, H)`` of the base model (adapters disabled) at ``layers``."""
     with torch.no_grad(), disable(model):
@@ -78,32 +90,45 @@ def masked_view(batch: Batch, rate: float, generator: torch.Generator) -> Batch:
 
 
 class OodDetector(nn.Module):
-    """O3's detector for one request (module docstring): projection heads, the forget set's bank, calibration."""
+    """O3's detector for one request (module docstring): per-layer Gaussians of the forget set's features (raw, or
+    through contrastively trained projection heads), layer-aggregated, calibrated on held-out forget examples."""
 
-    def __init__(self, hidden: int, layers: Sequence[int], dim: int = 64, temperature: float = 0.1) -> None:
+    def __init__(self, hidden: int, layers: Sequence[int], contrastive: bool = False, dim: int = 64,
+                 temperature: float = 0.1, shrinkage: float = 0.01) -> None:
         super().__init__()
-        self.layers, self.temperature = list(layers), temperature
+        self.layers, self.contrastive = list(layers), contrastive
+        self.temperature, self.shrinkage = temperature, shrinkage
         self.heads = nn.ModuleList(nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, dim))
-                                   for _ in self.layers)
-        self.bank: list[Tensor] = []
+                                   for _ in self.layers) if contrastive else nn.ModuleList()
+        self.means: list[Tensor] = []
+        self.precisions: list[Tensor] = []
+        self.scales: list[float] = []
         self.tau, self.spread = 0.0, 1.0
 
     def project(self, features: list[Tensor]) -> list[Tensor]:
+        if not self.contrastive:
+            return features
         return [F.normalize(head(f), dim=-1) for head, f in zip(self.heads, features)]
 
-    def score(self, features: list[Tensor]) -> Tensor:
-        """Global score: the mean over layers of the highest cosine similarity to the forget bank."""
+    def local(self, features: list[Tensor]) -> list[Tensor]:
+        """Per layer: minus the squared Mahalanobis distance to the forget set's Gaussian."""
         with torch.no_grad():
-            local = [(z @ bank.T).max(-1).values for z, bank in zip(self.project(features), self.bank)]
-        return torch.stack(local).mean(0)
+            out = []
+            for z, mean, precision in zip(self.project(features), self.means, self.precisions):
+                d = z - mean
+                out.append(-((d @ precision) * d).sum(-1))
+            return out
+
+    def score(self, features: list[Tensor]) -> Tensor:
+        """Global score: the mean over layers of the local scores, each in units of its typical forget value."""
+        return torch.stack([s / scale for s, scale in zip(self.local(features), self.scales)]).mean(0)
 
     def weight(self, features: list[Tensor]) -> Tensor:
         """``s(x)`` in ``(0, 1)`` per row."""
         return torch.sigmoid((self.score(features) - self.tau) / self.spread)
 
-    def fit(self, views: tuple[list[Tensor], list[Tensor]], held: list[Tensor], steps: int = 200,
-            lr: float = 1e-3, seed: int = 0) -> list[float]:
-        """Contrastive training on two views (each a per-layer list of ``(N, H)``), then bank and calibration."""
+    def train_heads(self, views: tuple[list[Tensor], list[Tensor]], steps: int, lr: float, seed: int) -> list[float]:
+        """The contrastive (InfoNCE cross-entropy) loss between two views of each forget example."""
         torch.manual_seed(seed)
         optimizer = torch.optim.AdamW(self.heads.parameters(), lr=lr)
         losses = []
@@ -118,8 +143,21 @@ class OodDetector(nn.Module):
             loss.backward()
             optimizer.step()
             losses.append(float(loss.detach()))
+        return losses
+
+    def fit(self, views: tuple[list[Tensor], list[Tensor]], held: list[Tensor], steps: int = 200,
+            lr: float = 1e-3, seed: int = 0) -> list[float]:
+        """Train the heads (when contrastive), fit the per-layer Gaussians on the first view, calibrate on ``held``."""
+        losses = self.train_heads(views, steps, lr, seed) if self.contrastive else []
         with torch.no_grad():
-            self.bank = self.project(views[0])
+            self.means, self.precisions = [], []
+            for z in self.project(views[0]):
+                mean = z.mean(0)
+                cov = torch.cov((z - mean).T.double())
+                cov += self.shrinkage * cov.diagonal().mean() * torch.eye(cov.shape[0], dtype=cov.dtype)
+                self.means.append(mean)
+                self.precisions.append(torch.linalg.inv(cov).float())
+            self.scales = [max(1e-6, float(s.abs().median())) for s in self.local(held)]
             scores = self.score(held)
         self.tau = float(torch.quantile(scores, 0.05))
         self.spread = max(1e-3, (float(scores.median()) - self.tau) / 3)
@@ -128,19 +166,23 @@ class OodDetector(nn.Module):
 
 class O3(Unlearner):
     """O3 (module docstring). ``orthogonal_weight``: λ of the O-LoRA penalty; ``detector_layers``: how many evenly
-    spaced hidden layers the detector reads; ``gate``: False applies every unlearning adapter fully (the ablation)."""
+    spaced hidden layers the detector reads; ``contrastive``: project features through contrastively trained heads;
+    ``gate``: False applies every unlearning adapter fully (the ablation)."""
 
     name = "o3"
 
     def __init__(self, adapter: AdapterSettings = DEFAULT_ADAPTER, settings: FitSettings = DEFAULT_FIT,
                  orthogonal_weight: float = 1.0, detector_layers: int = 4, detector_steps: int = 200,
-                 gate: bool = True) -> None:
+                 contrastive: bool = False, shrinkage: float = 0.01, gate: bool = True) -> None:
         super().__init__(adapter, settings)
         require(orthogonal_weight >= 0, "orthogonal_weight", orthogonal_weight, "must be >= 0")
         require(isinstance(detector_layers, int) and detector_layers >= 1, "detector_layers", detector_layers,
                 "must be an integer >= 1")
         self.orthogonal_weight, self.detector_layers = orthogonal_weight, detector_layers
-        self.detector_steps, self.gate = detector_steps, gate
+        require(shrinkage > 0, "shrinkage", shrinkage, "must be > 0 (the forget set's covariance is singular when it "
+                                                       "has fewer examples than the hidden size)")
+        self.detector_steps, self.contrastive, self.gate = detector_steps, contrastive, gate
+        self.shrinkage = shrinkage
         self.names: list[str] = []
         self.detectors: list[OodDetector] = []
 
@@ -161,18 +203,16 @@ class O3(Unlearner):
         cat = tuple([torch.cat([chunk[i] for chunk in view]) for i in range(len(layers))] for view in views)
         held_features = [torch.cat(f) for f in zip(*(mean_hidden(model, scorer.collate(held[i:i + 32]), layers)
                                                      for i in range(0, len(held), 32)))]
-        detector = OodDetector(model.config.hidden_size, layers)
+        detector = OodDetector(model.config.hidden_size, layers, self.contrastive, shrinkage=self.shrinkage)
         detector.fit(cat, held_features, steps=self.detector_steps, seed=self.settings.seed)
         return detector
 
     def forget(self, model: nn.Module, scorer: ClassificationTask, examples: Sequence[Example],
                retained: Retained) -> list[float]:
         name = f"forget{len(self.names)}"
-        rng = random.Random(self.settings.seed + len(self.names))
-        relabelled = [replace(e, label=rng.randrange(len(scorer.labels))) for e in examples]
         params = fresh_adapter(model, self.adapter.lora(), name)
         hooks = [Orthogonality(name, self.names, self.orthogonal_weight)]
-        losses = fit(model, scorer, relabelled, params, self.settings, hooks)
+        losses = fit(model, scorer, examples, params, self.settings, hooks, uniform_target(scorer))
         set_active(model, [])
         self.detectors.append(self._detector(model, scorer, examples))
         self.names.append(name)
