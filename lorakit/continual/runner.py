@@ -20,9 +20,11 @@ Encoded = tuple[ClassificationTask, list[Example], list[Example]]
 
 def run_sequence(model: nn.Module, tokenizer: Any, tasks: Sequence[ContinualTask], learner: Learner,
                  unlearner: Unlearner | None = None, forget: Sequence[str] = (), max_length: int = 96,
-                 log: Callable[[str], None] = print) -> tuple[nn.Module, AccuracyMatrix]:
+                 log: Callable[[str], None] = print,
+                 after_stage: Callable[[nn.Module, str], None] | None = None) -> tuple[nn.Module, AccuracyMatrix]:
     """Learn ``tasks`` in order, then unlearn the tasks named in ``forget``; returns the model (unloading may
-    return it replaced) and the accuracy matrix (a row per stage)."""
+    return it replaced) and the accuracy matrix (a row per stage). ``after_stage(model, stage)`` is called after
+    each stage is scored (e.g. to measure an alignment set)."""
     names = [t.name for t in tasks]
     unknown = [f for f in forget if f not in names]
     if unknown:
@@ -40,6 +42,8 @@ def run_sequence(model: nn.Module, tokenizer: Any, tasks: Sequence[ContinualTask
     for index, (task, (scorer, train, _)) in enumerate(zip(tasks, encoded)):
         losses = learner.learn(model, index, scorer, train)
         matrix.add(f"after {task.name}", score(learner.predict))
+        if after_stage is not None:
+            after_stage(model, matrix.stages[-1])
         log(f"after {task.name} (loss {losses[0]:.3f} -> {losses[-1]:.3f}): {_row(names, matrix.rows[-1])}")
     if forget:
         assert unlearner is not None
@@ -50,6 +54,8 @@ def run_sequence(model: nn.Module, tokenizer: Any, tasks: Sequence[ContinualTask
             retained = [(s, tr) for i, (s, tr, _) in enumerate(encoded) if i != index]
             losses = unlearner.forget(model, scorer, train, retained)
             matrix.add(f"forget {name}", score(unlearner.predict))
+            if after_stage is not None:
+                after_stage(model, matrix.stages[-1])
             log(f"forget {name} (loss {losses[0]:.3f} -> {losses[-1]:.3f}): {_row(names, matrix.rows[-1])}")
     return model, matrix
 
