@@ -25,6 +25,7 @@ from .inject import (
     merge,
     route,
     set_active,
+    set_scale,
     trainable_parameters,
     unload,
     unmerge,
@@ -66,7 +67,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterConfig", "AdapterFileError", "ConfigError", "LorakitError", "TargetError", "active_adapters", "adapt",
-    "configs", "delete_adapter", "disable", "enable", "inspect_targets", "merge", "route", "set_active",
+    "configs", "delete_adapter", "disable", "enable", "inspect_targets", "merge", "route", "set_active", "set_scale",
     "trainable_parameters", "unload", "unmerge", "METHODS", "build_config", "BoneConfig", "DoraConfig", "KronConfig",
     "LoraConfig", "LoraFAConfig", "RandLoraConfig", "load_adapter", "save_adapter",
     "INITS", "initialize", "export_lora", "LolduConfig", "LoraXsConfig", "SloraConfig", "SvfitConfig",

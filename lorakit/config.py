@@ -39,15 +39,20 @@ class AdapterConfig:
             that must match a whole module name, or a sequence of names each matching a module whose full name
             equals it or ends with ``"." + name`` (PEFT's rule).
         exclude: modules to leave alone, with the same rules as ``targets`` (``"all-linear"`` not allowed).
+        modules_to_save: names of whole modules (a classifier head, new embeddings) that get a fully trainable copy
+            per adapter, used while the adapter is active and saved with it (PEFT's ``modules_to_save``); each name
+            matches a module whose full name equals it or ends with ``"." + name``. Targets never reach inside
+            them. See :mod:`lorakit.modules_to_save`.
     """
 
     method: ClassVar[str] = ""
 
     targets: str | Sequence[str] = ALL_LINEAR
     exclude: str | Sequence[str] = ()
+    modules_to_save: Sequence[str] = ()
 
     def __post_init__(self) -> None:
-        for name in ("targets", "exclude"):
+        for name in ("targets", "exclude", "modules_to_save"):
             object.__setattr__(self, name, _freeze(getattr(self, name)))
         require(isinstance(self.targets, (str, tuple)), "targets", self.targets, "must be a string or a list of names")
         require(len(self.targets) > 0, "targets", self.targets, "must name at least one module")
@@ -57,10 +62,15 @@ class AdapterConfig:
         require(self.exclude != ALL_LINEAR, "exclude", self.exclude, "cannot be 'all-linear'")
         if isinstance(self.exclude, str) and self.exclude:
             check_regex("exclude", self.exclude)
-        for name in ("targets", "exclude"):
+        if self.modules_to_save is None:  # PEFT's spelling of "none"
+            object.__setattr__(self, "modules_to_save", ())
+        require(isinstance(self.modules_to_save, tuple), "modules_to_save", self.modules_to_save,
+                "must be a list of module names")
+        for name in ("targets", "exclude", "modules_to_save"):
             value = getattr(self, name)
             if isinstance(value, tuple):
                 require(all(isinstance(v, str) and v for v in value), name, value, "entries must be non-empty strings")
+        object.__setattr__(self, "modules_to_save", tuple(dict.fromkeys(self.modules_to_save)))  # PEFT repeats names
 
     def for_module(self, module_name: str) -> "AdapterConfig":
         """The config that applies to one module (per-module patterns override fields here)."""

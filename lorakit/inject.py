@@ -1,13 +1,16 @@
-"""The public operations on a model: add, activate, route, merge, unload and delete adapters.
+"""The public operations on a model: add, activate, scale, route, merge, unload and delete adapters.
 
 Adapters live in :class:`~lorakit.hosts.host.HostLayer` modules that replace the targeted layers in place, so
 any model (transformers or plain PyTorch) keeps its own class and code. The model remembers each adapter's
 config in ``model._lorakit_configs``. A method whose layers share state (random bases, shard pools) gets one
 :class:`~lorakit.methods.base.SharedState` per adapter, registered on the model as ``lorakit_shared.<name>``.
+Modules a config lists in ``modules_to_save`` are replaced by :class:`~lorakit.modules_to_save.SavedModule`
+wrappers holding a trainable copy per adapter; every operation here keeps them in step with the host layers.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Iterator, Mapping, Sequence, TypeVar
 
@@ -18,6 +21,7 @@ from .config import AdapterConfig
 from .errors import LorakitError, require
 from .hosts.host import HostLayer, hosts
 from .methods.base import METHODS, Adapter, SharedState
+from .modules_to_save import SavedModule, check_active, inside, resolve, saved_modules, saved_paths
 from .routing.rows import RowRouting
 from .routing.strategy import Routing
 from .routing.weighted import WeightedRouting
@@ -96,10 +100,18 @@ def _check_names(model: nn.Module, names: Sequence[str]) -> None:
 
 def build_adapters(model: nn.Module, config: AdapterConfig, dtype: torch.dtype | None = None,
                ) -> tuple[list[tuple[str, nn.Module, HostLayer, Adapter]], SharedState | None]:
-    """Build (without attaching) the adapter of every target, plus the method's shared state if it has one."""
+    """Build (without attaching) the adapter of every target, plus the method's shared state if it has one.
+
+    Modules to save (the model's and this config's ``modules_to_save``) and their insides are never targets."""
     adapter_cls, _ = METHODS.get(config.method)
+    saved = saved_paths(model) + ([p for p, _ in resolve(model, config.modules_to_save)]
+                                  if config.modules_to_save else [])
+    found = [(path, module) for path, module in find_targets(model, config) if not inside(path, saved)]
+    if not found:
+        raise LorakitError(f"targets={config.targets!r}: every module they match is a module to save or lies inside "
+                           f"one ({sorted(saved)}); adapters never target those")
     targets = [(path, module, module if isinstance(module, HostLayer) else HostLayer(module, path))
-               for path, module in find_targets(model, config)]
+               for path, module in found]
     for path, _, host in targets:
         _check_kind(adapter_cls, config, host, path)
     shared = adapter_cls.shared_state(config, [host.geometry for _, _, host in targets])
@@ -150,10 +162,16 @@ def adapt(
     built, shared = build_adapters(model, config, dtype)  # build everything first: a failure leaves the model untouched
     for _, _, host, adapter in built:
         host.check_rewrite(name, adapter)
+    to_save = resolve(model, config.modules_to_save, name) if config.modules_to_save else []
     for path, module, host, adapter in built:
         if host is not module:
             _replace(model, path, host)
         host.add(name, adapter)
+    for path, module in to_save:
+        wrapper = module if isinstance(module, SavedModule) else SavedModule(module, path)
+        if wrapper is not module:
+            _replace(model, path, wrapper)
+        wrapper.add(name)
     if shared is not None:
         if SHARED not in model._modules:
             model.add_module(SHARED, nn.ModuleDict())
@@ -173,11 +191,15 @@ def _freeze_all_but_adapters(model: nn.Module) -> None:
 
 
 def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
-    """Activate ``names`` (one adapter, or several whose contributions are summed)."""
+    """Activate ``names`` (one adapter, or several whose contributions are summed; at most one of them may have its
+    own copy of a given module to save)."""
     names = (names,) if isinstance(names, str) else tuple(names)
     _check_names(model, names)
+    check_active(model, names)
     for host in hosts(model):
         host.active = tuple(n for n in names if n in host.adapters)
+    for wrapper in saved_modules(model):
+        wrapper.active = tuple(n for n in names if n in wrapper.modules_to_save)
 
 
 def active_adapters(model: nn.Module) -> list[str]:
@@ -191,7 +213,7 @@ class _Switch(contextlib.AbstractContextManager):
     """Applies a change now; used as a context manager, restores the previous state on exit."""
 
     def __init__(self, model: nn.Module, disabled: bool) -> None:
-        self._previous = [(h, h.disabled) for h in hosts(model)]
+        self._previous = [(h, h.disabled) for h in (*hosts(model), *saved_modules(model))]
         for host, _ in self._previous:
             host.disabled = disabled
 
@@ -201,13 +223,48 @@ class _Switch(contextlib.AbstractContextManager):
 
 
 def disable(model: nn.Module) -> _Switch:
-    """Run the base model (``with lorakit.disable(model): ...`` restores adapters afterwards)."""
+    """Run the base model, with the original modules to save (``with lorakit.disable(model): ...`` restores adapters
+    afterwards)."""
     return _Switch(model, True)
 
 
 def enable(model: nn.Module) -> _Switch:
     """Re-enable adapters (also usable as a context manager)."""
     return _Switch(model, False)
+
+
+class _Scale(contextlib.AbstractContextManager):
+    """Sets adapters' runtime multipliers now; used as a context manager, restores the previous ones on exit."""
+
+    def __init__(self, model: nn.Module, names: Sequence[str], scale: float) -> None:
+        layers = [(h, n) for h in hosts(model) for n in names if n in h.adapters]
+        merged = sorted({n for h, n in layers if n in h.merged})
+        if merged and scale != 1:
+            raise LorakitError(f"adapters {merged} are merged into the base weights; unmerge before scaling them")
+        self._previous = [(h.adapters[n], h.adapters[n].multiplier) for h, n in layers]
+        for adapter, _ in self._previous:
+            adapter.multiplier = scale
+
+    def __exit__(self, *exc: object) -> None:
+        for adapter, multiplier in self._previous:
+            adapter.multiplier = multiplier
+
+
+def set_scale(model: nn.Module, names: str | Sequence[str], scale: float) -> _Scale:
+    """Multiply the contributions of adapters ``names`` by ``scale`` in every forward from now on:
+    ``out = base(x) + scale * delta(x)`` (1: as trained; 0: no contribution, and no gradient).
+
+    Every routing strategy honours it (the active sum, ``route``'s rows, ``mix``'s weights); the fused single-adapter
+    product runs only at scale 1 (else the unfused path computes the same output). It is a runtime setting: files hold
+    the adapter as trained, and merging refuses a scale other than 1. ``with lorakit.set_scale(model, "a", 0.5): ...``
+    restores the previous scales afterwards. (An :class:`~lorakit.pool.AdapterPool`'s slots and the
+    ``lorakit.compose`` strategies do not read it.)
+    """
+    names = (names,) if isinstance(names, str) else tuple(names)
+    _check_names(model, names)
+    require(isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale), "scale", scale,
+            "must be a finite number")
+    return _Scale(model, names, float(scale))
 
 
 @contextlib.contextmanager
@@ -226,8 +283,9 @@ def route(model: nn.Module, names: Sequence[str | None],
 @contextlib.contextmanager
 def using(model: nn.Module, routing: R) -> Iterator[R]:
     """Within the block, every host layer of ``model`` delegates its forward to the strategy ``routing`` (see
-    :mod:`lorakit.routing.strategy`); the previous strategies come back afterwards."""
-    layers = list(hosts(model))
+    :mod:`lorakit.routing.strategy`), and every module to save picks its copy by it; the previous strategies come back
+    afterwards."""
+    layers: list[HostLayer | SavedModule] = [*hosts(model), *saved_modules(model)]
     previous = [h.routing for h in layers]
     for host in layers:
         host.routing = routing
@@ -239,9 +297,15 @@ def using(model: nn.Module, routing: R) -> Iterator[R]:
 
 
 def merge(model: nn.Module, names: str | Sequence[str] | None = None) -> None:
-    """Fold adapters (default: the active ones) into the base weights."""
+    """Fold adapters (default: the active ones) into the base weights (each at its saved strength: an adapter whose
+    :func:`set_scale` is not 1 is refused)."""
     names = tuple(active_adapters(model)) if names is None else ((names,) if isinstance(names, str) else tuple(names))
     _check_names(model, names)
+    for host in hosts(model):
+        scaled = [n for n in names if n in host.adapters and host.adapters[n].multiplier != 1]
+        if scaled:
+            raise LorakitError(f"adapters {scaled} run at a scale other than 1 (set_scale); merging folds them at "
+                               "their saved strength: set_scale(model, names, 1.0) first")
     for host in hosts(model):
         host.merge(tuple(n for n in names if n in host.adapters))
 
@@ -253,7 +317,9 @@ def unmerge(model: nn.Module) -> None:
 
 
 def unload(model: nn.Module, *, merge_active: bool = False) -> nn.Module:
-    """Remove every host layer, putting the original modules back (after merging the active adapters if asked)."""
+    """Remove every host layer, putting the original modules back (after merging the active adapters if asked).
+
+    Modules to save get their original back, or with ``merge_active`` the active adapter's copy (kept trainable)."""
     pool = model.__dict__.get(POOL)
     if pool is not None and pool.names():
         raise LorakitError(f"the model's AdapterPool holds adapters {pool.names()}; unregister them before unload")
@@ -263,6 +329,8 @@ def unload(model: nn.Module, *, merge_active: bool = False) -> nn.Module:
         if not merge_active:
             host.unmerge()
         _replace(model, host.path, host.base_layer)
+    for wrapper in list(saved_modules(model)):
+        _replace(model, wrapper.path, wrapper._active_module() if merge_active else wrapper.original_module)
     drop_entry(model, SHARED, None)
     drop_entry(model, ROUTERS, None)
     configs(model).clear()
@@ -270,20 +338,26 @@ def unload(model: nn.Module, *, merge_active: bool = False) -> nn.Module:
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
-    """Remove adapter ``name``; layers left without adapters get their original module back."""
+    """Remove adapter ``name``; layers and modules to save left without adapters get their original module back."""
     _check_names(model, [name])
     for host in list(hosts(model)):
         if name in host.adapters:
             host.remove(name)
             if not host.adapters and host.stack is None:  # an AdapterPool's slots keep their layer
                 _replace(model, host.path, host.base_layer)
+    for wrapper in list(saved_modules(model)):
+        if name in wrapper.modules_to_save:
+            wrapper.remove(name)
+            if not wrapper.modules_to_save:
+                _replace(model, wrapper.path, wrapper.original_module)
     drop_entry(model, SHARED, name)
     del configs(model)[name]
 
 
 def trainable_parameters(model: nn.Module, name: str | None = None) -> dict[str, nn.Parameter]:
     """Declared trainable tensors of every adapter and router (or of adapter / router ``name``), by their name in
-    ``model``; frozen adapters (``Adapter.frozen``: experts loaded from files) train nothing."""
+    ``model``, with each adapter's copies of its modules to save; frozen adapters (``Adapter.frozen``: experts loaded
+    from files) train nothing."""
     if name is not None and name not in routers(model):
         _check_names(model, [name])
     out: dict[str, nn.Parameter] = {}
@@ -296,6 +370,11 @@ def trainable_parameters(model: nn.Module, name: str | None = None) -> dict[str,
         if name is None or adapter_name == name:
             for key, p in shared.trainable().items():
                 out[f"{SHARED}.{adapter_name}.{key}"] = p
+    for wrapper in saved_modules(model):
+        for adapter_name, module in wrapper.modules_to_save.items():
+            if name is None or adapter_name == name:
+                for key, p in module.named_parameters():
+                    out[f"{wrapper.path}.modules_to_save.{adapter_name}.{key}"] = p
     for router_name, router in routers(model).items():
         if name is None or router_name == name:
             out.update({f"{ROUTERS}.{router_name}.{key}": p for key, p in router.named_parameters()})

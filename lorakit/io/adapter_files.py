@@ -5,8 +5,10 @@ A directory holds ``adapter_config.json`` (PEFT's config fields for methods PEFT
 ``...q_proj.lora_A.weight``, ``...q_proj.lora_magnitude_vector``). The safetensors metadata also records the
 lorakit method and its full config, so lorakit-only details (e.g. LoRA-FA's frozen ``A``) round-trip.
 
-State shared by all layers of an adapter (:class:`~lorakit.methods.base.SharedState`) is stored once, under
-``lorakit_shared.<tensor>``; a PEFT format whose file lays such tensors out differently translates the keys
+An adapter's copies of its modules to save (``modules_to_save``, :mod:`lorakit.modules_to_save`) are stored under
+PEFT's keys, ``base_model.model.<module path>.<tensor>`` (no adapter name), and the config's ``modules_to_save``
+field lists them. State shared by all layers of an adapter (:class:`~lorakit.methods.base.SharedState`) is stored
+once, under ``lorakit_shared.<tensor>``; a PEFT format whose file lays such tensors out differently translates the keys
 (:class:`~lorakit.io.peft_format.PeftFormat`). The PEFT formats are one table, keyed by ``peft_type``.
 """
 from __future__ import annotations
@@ -27,6 +29,7 @@ from ..hosts.geometry import is_supported, is_transposed
 from ..hosts.host import adapters_named
 from ..inject import SHARED, adapt, config_of, configs, delete_adapter, shared_states
 from ..methods.base import METHODS
+from ..modules_to_save import resolve, saved_modules
 from ..targeting import candidate_modules
 from . import peft_lokr, peft_lora, peft_miss, peft_randlora
 from .files import PICKLE_SUFFIXES, read_json, read_safetensors, write_json, write_safetensors
@@ -57,12 +60,16 @@ def _state(model: nn.Module, name: str, keep_vars: bool = False) -> dict[str, to
     if shared is not None:
         for key, value in shared.state_dict(keep_vars=keep_vars).items():
             out[f"{SHARED_PREFIX}{key}"] = value
+    for wrapper in saved_modules(model):
+        if name in wrapper.modules_to_save:
+            for key, value in wrapper.modules_to_save[name].state_dict(keep_vars=keep_vars).items():
+                out[f"{PREFIX}{wrapper.path}.{key}"] = value
     return out
 
 
 def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-    """lorakit-keyed state of adapter ``name``: ``base_model.model.<path>.<tensor>`` per layer (PEFT's keys) and
-    ``lorakit_shared.<tensor>`` for state shared by all layers."""
+    """lorakit-keyed state of adapter ``name``: ``base_model.model.<path>.<tensor>`` per layer and per module to save
+    (PEFT's keys) and ``lorakit_shared.<tensor>`` for state shared by all layers."""
     return _state(model, name)
 
 
@@ -115,9 +122,11 @@ def save_adapter(model: nn.Module, directory: str | Path, name: str = "default")
         peft = {"peft_type": None, "lorakit_method": config.method, **config.to_dict()}
     else:
         base_name = getattr(getattr(model, "config", None), "name_or_path", None) or None
-        peft = {**common_fields(fmt.peft_type, _target_modules(model, [h.path for h in layers]), base_name),
+        peft = {**common_fields(fmt.peft_type, _target_modules(model, [h.path for h in layers]), base_name,
+                                list(config.modules_to_save)),
                 **fmt.to_peft(config, any(is_transposed(h.base_layer) for h in layers))}
-        tensors = fmt.to_file(tensors, config)
+        saved = _saved_keys(model, config, tensors)
+        tensors = {**fmt.to_file({k: v for k, v in tensors.items() if k not in saved}, config), **saved}
     write_safetensors(directory / WEIGHTS_FILE, tensors, metadata)
     write_json(directory / CONFIG_FILE, peft)
     write_json(directory / MANIFEST_FILE, {"files": {f: file_digest(directory / f) for f in (WEIGHTS_FILE,
@@ -164,7 +173,25 @@ def _config_from_files(directory: Path, metadata: dict[str, str]) -> AdapterConf
     if fmt is None:
         raise AdapterFileError(f"{source}: peft_type={data.get('peft_type')!r} is not supported; "
                                f"lorakit reads {', '.join(FORMATS)}")
-    return fmt.from_peft(data, str(source))
+    config = fmt.from_peft(data, str(source))
+    to_save = data.get("modules_to_save")
+    if not to_save:
+        return config
+    if not (isinstance(to_save, list) and all(isinstance(n, str) and n for n in to_save)):
+        raise AdapterFileError(f"{source}: modules_to_save={to_save!r} must be a list of module names")
+    return config.replace(modules_to_save=tuple(to_save))
+
+
+def _saved_keys(model: nn.Module, config: AdapterConfig, tensors: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``tensors`` (lorakit / PEFT keys) that belong to the modules ``config.modules_to_save`` names
+    on ``model``; each of those modules must have some."""
+    if not config.modules_to_save:
+        return {}
+    prefixes = [f"{PREFIX}{path}." for path, _ in resolve(model, config.modules_to_save)]
+    empty = [p[len(PREFIX):-1] for p in prefixes if not any(k.startswith(p) for k in tensors)]
+    if empty:
+        raise LorakitError(f"modules_to_save names {empty} on this model, but no tensor of theirs was given")
+    return {k: v for k, v in tensors.items() if k.startswith(tuple(prefixes))}
 
 
 def _module_paths(tensors: dict[str, Any], directory: Path, model: nn.Module) -> list[str]:
@@ -213,7 +240,11 @@ def attach_adapter(model: nn.Module, config: AdapterConfig, tensors: dict[str, t
     """Add adapter ``name`` built from ``config`` and filled with :func:`read_adapter`'s ``tensors`` (copied);
     ``source`` names the directory in error messages. On any error the model is left without ``name``."""
     source = Path(source)
-    paths = _module_paths(tensors, source, model)
+    try:
+        saved = _saved_keys(model, config, tensors)
+    except LorakitError as exc:
+        raise AdapterFileError(f"{source}: {exc}") from None
+    paths = _module_paths({k: v for k, v in tensors.items() if k not in saved}, source, model)
     _check_sizes(model, config, source)
     adapt(model, config.replace(targets=tuple(paths), exclude=()), name, activate=activate, dtype=dtype)
     try:

@@ -26,7 +26,8 @@ COMMON_INERT = frozenset({
     "bias",
 })
 # Common keys that change outputs when set: refuse rather than load something that computes differently.
-COMMON_UNSUPPORTED_WHEN_SET: dict[str, Any] = {"bias": "none", "modules_to_save": None}
+# (``modules_to_save`` is read for every format by :mod:`.adapter_files`.)
+COMMON_UNSUPPORTED_WHEN_SET: dict[str, Any] = {"bias": "none"}
 
 
 def _same(tensors: Tensors, config: AdapterConfig) -> Tensors:
@@ -55,12 +56,13 @@ class PeftFormat:
     from_file: Callable[[Tensors, AdapterConfig], Tensors] = field(default=_same)
 
 
-def common_fields(peft_type: str, target_modules: list[str] | str, base_model: str | None) -> dict[str, Any]:
+def common_fields(peft_type: str, target_modules: list[str] | str, base_model: str | None,
+                  modules_to_save: list[str] | None = None) -> dict[str, Any]:
     """The fields every PEFT adapter_config.json written by lorakit holds."""
     return {
         "peft_type": peft_type, "peft_version": PEFT_VERSION_WRITTEN, "task_type": None, "inference_mode": True,
         "base_model_name_or_path": base_model, "revision": None, "target_modules": target_modules,
-        "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
+        "modules_to_save": modules_to_save or None, "layers_to_transform": None, "layers_pattern": None,
         "bias": "none",
     }
 

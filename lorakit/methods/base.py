@@ -61,6 +61,10 @@ class Adapter(nn.Module):
     #: A frozen adapter (a mixture's expert loaded from a file) stays in the forward but trains nothing:
     #: ``trainable_parameters`` leaves it out and its tensors do not require grad.
     frozen = False
+    #: Runtime multiplier of the contribution, ``out = base(x) + multiplier * forward(...)``, set by
+    #: ``lorakit.set_scale`` (scale schedules); every routing strategy applies it (:mod:`lorakit.routing.strategy`),
+    #: methods never read it. Not saved: files hold the adapter as trained.
+    multiplier: float = 1.0
 
     def __init__(self, geometry: Geometry, config: AdapterConfig, base: Backend) -> None:
         super().__init__()

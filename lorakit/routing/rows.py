@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ..errors import LorakitError
 from .stacked import apply_grouped, stackable
-from .strategy import Host, Routing, sum_of
+from .strategy import Host, Routing, contribution, scaled_factors, sum_of
 from .weighted import WeightedRouting
 
 
@@ -85,9 +85,9 @@ class RowRouting(Routing):
                 out = out.index_copy(0, idx, mixed.to(out.dtype))
         groups = [(name, idx) for name, idx in self.groups(x.device) if name in host.adapters]
         if len(groups) > 1 and all(stackable(host.adapters[n], host.geometry.kind) for n, _ in groups):
-            return apply_grouped(x, out, self, {n: host.adapters[n].factors() for n, _ in groups})
+            return apply_grouped(x, out, self, {n: scaled_factors(host, n) for n, _ in groups})
         pieces, rows = [], []
         for name, idx in groups:
-            pieces.append(host.adapters[name](x.index_select(0, idx), base_out.index_select(0, idx), host.backend))
+            pieces.append(contribution(host, name, x.index_select(0, idx), base_out.index_select(0, idx)))
             rows.append(idx)
         return out.index_add(0, torch.cat(rows), torch.cat(pieces)) if pieces else out

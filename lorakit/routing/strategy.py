@@ -51,18 +51,35 @@ class Routing:
         """Refuse what the strategy cannot do on ``host`` (called before the forward)."""
 
 
+def contribution(host: Host, name: str, x: Tensor, base_out: Tensor) -> Tensor:
+    """``m * delta(x)``: adapter ``name``'s contribution times its runtime multiplier ``m`` (``Adapter.multiplier``,
+    set by ``lorakit.set_scale``). Every strategy computes contributions through here, or through
+    :func:`scaled_factors` / the weights (:mod:`.weighted`), so every method honours the multiplier."""
+    adapter = host.adapters[name]
+    delta = adapter(x, base_out, host.backend)
+    return delta if adapter.multiplier == 1 else delta * adapter.multiplier
+
+
+def scaled_factors(host: Host, name: str) -> tuple[Tensor, Tensor]:
+    """``(m B_eff, A_eff)``: adapter ``name``'s ``factors()`` with its runtime multiplier folded into ``B_eff``."""
+    adapter = host.adapters[name]
+    b, a = adapter.factors()
+    return (b if adapter.multiplier == 1 else b * adapter.multiplier), a
+
+
 def sum_of(host: Host, names: tuple[str, ...], x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-    """``base(x)`` plus the contributions of adapters ``names`` (fused when there is one and it can be)."""
+    """``base(x)`` plus the contributions of adapters ``names`` (fused when there is one at multiplier 1 and it can
+    be)."""
     if not names:
         return host.base_layer(x, *args, **kwargs)
-    if len(names) == 1:
+    if len(names) == 1 and host.adapters[names[0]].multiplier == 1:
         fused = host.adapters[names[0]].fused_forward(x, host.backend)
         if fused is not None:
             return fused
     base_out = host.base_layer(x, *args, **kwargs)
     out = base_out
     for name in names:
-        out = out + host.adapters[name](x, base_out, host.backend)
+        out = out + contribution(host, name, x, base_out)
     return out
 
 

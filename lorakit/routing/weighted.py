@@ -76,6 +76,9 @@ class WeightedRouting(Routing):
         if not present:
             return base_out
         weights = self.weights_for(host, x)
+        multipliers = [host.adapters[n].multiplier if n in host.adapters else 1.0 for n in self.names]
+        if any(m != 1 for m in multipliers):  # set_scale: each adapter's weight times its runtime multiplier
+            weights = weights * torch.tensor(multipliers, device=weights.device)
         flat_x, flat_base = _by_token(host.geometry.kind, x, base_out, math.prod(weights.shape[:-1]))
         if self.dispatch == "sparse" and _concatenable(host, [n for _, n in present], weights):
             columns = weights[..., [i for i, _ in present]].reshape(flat_x.shape[0], len(present))
