@@ -45,3 +45,24 @@ def test_methods_that_are_not_low_rank_refuse_export(tmp_path):
     lorakit.adapt(model, lorakit.build_config("kron", targets=["layer"]))
     with pytest.raises(lorakit.LorakitError, match="exactly low rank"):
         lorakit.export_lora(model, tmp_path)
+
+
+@pytest.mark.parametrize("init", ["kaiming", "pissa"])
+def test_export_carries_the_adapters_trained_copies_of_modules_to_save(init, tmp_path):
+    """Both export paths (factors; PiSSA's rewritten base: the doubled LoRA) write the adapter's trained head copy,
+    not the untrained original."""
+    config = LoraConfig(r=4, targets=["q_proj", "v_proj"], init=init, modules_to_save=["lm_head"])
+    model = lorakit.adapt(tiny_llama(), config)
+    perturb(model)
+    with torch.no_grad():
+        for key, p in lorakit.trainable_parameters(model).items():
+            if "modules_to_save" in key:
+                p.add_(0.5)  # the trained copy differs from the original head
+    ids = torch.randint(0, 96, (2, 7))
+    with torch.no_grad():
+        expected = model(ids).logits
+    lorakit.export_lora(model, tmp_path / "out")
+    fresh = tiny_llama()
+    lorakit.load_adapter(fresh, tmp_path / "out")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids).logits, expected, rtol=1e-4, atol=1e-4)

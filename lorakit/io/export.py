@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +29,7 @@ from ..errors import require
 from ..hosts.host import HostLayer, adapters_named
 from ..inject import adapt, config_of, configs, delete_adapter
 from ..methods.lora import Lora, LoraConfig
+from ..modules_to_save import saved_modules
 from .adapter_files import save_adapter
 
 
@@ -39,7 +40,7 @@ def export_lora(model: nn.Module, directory: str | Path, name: str = "default") 
     rewrote = any(name in h.rewriters for h in layers)  # the base differs from the stock one: the LoRA path below
     # handles (a residual initialisation) or refuses (a replaced base) it
     if not rewrote and all(h.adapters[name].capabilities.factorable for h in layers):
-        return _export_factors(model, directory, name, layers)
+        return _export_factors(model, directory, name, layers, config.modules_to_save)
     require(isinstance(config, LoraConfig), "adapter", name,
             f"must be LoRA-family or exactly low rank to export as LoRA (it is {type(config).__name__})")
     for host in layers:
@@ -52,36 +53,42 @@ def export_lora(model: nn.Module, directory: str | Path, name: str = "default") 
         alpha_pattern={k: v * scale_up for k, v in config.alpha_pattern.items()},
         targets=tuple(h.path for h in layers), exclude=(),
     )
-    return _save_as(model, directory, doubled, layers, lambda host, tmp: _fill(host.adapters[tmp], host.adapters[name]))
+    return _save_as(model, directory, doubled, layers, lambda host, tmp: _fill(host.adapters[tmp], host.adapters[name]),
+                    name)
 
 
 def _save_as(model: nn.Module, directory: str | Path, config: LoraConfig, layers: list[HostLayer],
-             fill: Callable[[HostLayer, str], None]) -> Path:
-    """Save a temporary LoRA adapter built from ``config`` on ``layers`` and filled by ``fill(host, its name)``."""
+             fill: Callable[[HostLayer, str], None], source: str) -> Path:
+    """Save a temporary LoRA adapter built from ``config`` on ``layers``, filled by ``fill(host, its name)`` and
+    holding adapter ``source``'s copies of its modules to save."""
     tmp = _free_name(model)
     adapt(model, config, tmp, activate=False, freeze_base=False)
     try:
         for host in layers:
             fill(host, tmp)
+        copy_saved_modules(model, source, tmp)
         return save_adapter(model, directory, tmp)
     finally:
         delete_adapter(model, tmp)
 
 
-def _export_factors(model: nn.Module, directory: str | Path, name: str, layers: list[HostLayer]) -> Path:
-    """A factorable adapter as a LoRA with ``B = B_eff``, ``A = A_eff`` and scale 1 on every layer."""
+def _export_factors(model: nn.Module, directory: str | Path, name: str, layers: list[HostLayer],
+                    modules_to_save: Sequence[str]) -> Path:
+    """A factorable adapter as a LoRA with ``B = B_eff``, ``A = A_eff`` and scale 1 on every layer (and the
+    adapter's copies of its modules to save)."""
     require(all(h.adapters[name].reproducible_from_file for h in layers), "adapter", name,
             "rewrote its base weights, so its factors alone do not describe it relative to the stock base")
     tmp = _free_name(model)
-    attach_factors(model, tmp, {h.path: h.adapters[name].factors() for h in layers})
+    attach_factors(model, tmp, {h.path: h.adapters[name].factors() for h in layers}, modules_to_save=modules_to_save)
     try:
+        copy_saved_modules(model, name, tmp)
         return save_adapter(model, directory, tmp)
     finally:
         delete_adapter(model, tmp)
 
 
 def attach_factors(model: nn.Module, name: str, factors: dict[str, tuple[Tensor, Tensor]],
-                   activate: bool = False) -> None:
+                   activate: bool = False, modules_to_save: Sequence[str] = ()) -> None:
     """Add a LoRA adapter ``name`` whose update on layer ``path`` is ``up @ down`` (``factors[path]``, canonical
     layout, ``up (d_out, r)``, ``down (r, d_in)``): each layer its own rank and scale 1 (``rank_pattern``,
     ``alpha_pattern``), so PEFT and any LoRA server load it. Layers of rank 0 are left out."""
@@ -92,7 +99,7 @@ def attach_factors(model: nn.Module, name: str, factors: dict[str, tuple[Tensor,
     top = max(ranks.values())
     config = LoraConfig(r=top, alpha=float(top), targets=tuple(keys),
                         rank_pattern={keys[p]: r for p, r in ranks.items()},
-                        alpha_pattern={keys[p]: float(r) for p, r in ranks.items()})
+                        alpha_pattern={keys[p]: float(r) for p, r in ranks.items()}, modules_to_save=modules_to_save)
     adapt(model, config, name, activate=activate, freeze_base=False)
     with torch.no_grad():
         for host, out in adapters_named(model, name, Lora):
@@ -101,6 +108,14 @@ def attach_factors(model: nn.Module, name: str, factors: dict[str, tuple[Tensor,
                 out.a.copy_(up.t()), out.b.copy_(down.t())
             else:
                 out.b.copy_(up.reshape(out.b.shape)), out.a.copy_(down.reshape(out.a.shape))
+
+
+@torch.no_grad()
+def copy_saved_modules(model: nn.Module, source: str, target: str) -> None:
+    """Give adapter ``target`` the values of adapter ``source``'s copies of its modules to save."""
+    for wrapper in saved_modules(model):
+        if source in wrapper.modules_to_save:
+            wrapper.modules_to_save[target].load_state_dict(wrapper.modules_to_save[source].state_dict())
 
 
 def _free_name(model: nn.Module) -> str:
