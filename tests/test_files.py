@@ -95,13 +95,23 @@ def test_unknown_peft_config_keys_warn(saved):
         lorakit.load_adapter(tiny_llama(), saved)
 
 
-@pytest.mark.parametrize("key,value", [("peft_type", "IA3"), ("bias", "all"), ("modules_to_save", ["lm_head"])])
+@pytest.mark.parametrize("key,value", [("peft_type", "IA3"), ("bias", "all")])
 def test_peft_configs_we_cannot_honour_are_refused(saved, key, value):
     _peft_only(saved)
     config = json.loads((saved / CONFIG_FILE).read_text())
     config[key] = value
     (saved / CONFIG_FILE).write_text(json.dumps(config))
     with pytest.raises(lorakit.AdapterFileError, match=key):
+        lorakit.load_adapter(tiny_llama(), saved)
+
+
+def test_a_config_naming_modules_to_save_whose_tensors_are_missing_is_refused(saved):
+    """The file would load with the untrained original head: refused, naming the field."""
+    _peft_only(saved)
+    config = json.loads((saved / CONFIG_FILE).read_text())
+    config["modules_to_save"] = ["lm_head"]
+    (saved / CONFIG_FILE).write_text(json.dumps(config))
+    with pytest.raises(lorakit.AdapterFileError, match="modules_to_save"):
         lorakit.load_adapter(tiny_llama(), saved)
 
 
