@@ -66,3 +66,20 @@ def test_export_carries_the_adapters_trained_copies_of_modules_to_save(init, tmp
     lorakit.load_adapter(fresh, tmp_path / "out")
     with torch.no_grad():
         torch.testing.assert_close(fresh(ids).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_factors_on_a_path_that_ends_another_keep_their_own_rank(tmp_path):
+    """``up`` and ``block.up`` with different ranks: each layer gets its own (a suffix pattern first would not)."""
+    from lorakit.io.export import attach_factors
+
+    model = torch.nn.Module()
+    model.up = torch.nn.Linear(5, 6)
+    model.block = torch.nn.Module()
+    model.block.up = torch.nn.Linear(5, 6)
+    factors = {"up": (torch.randn(6, 1), torch.randn(1, 5)), "block.up": (torch.randn(6, 3), torch.randn(3, 5))}
+    attach_factors(model, "x", factors, activate=True)
+    x = torch.randn(2, 5)
+    with torch.no_grad():
+        for path, (up, down) in factors.items():
+            layer = model.get_submodule(path)
+            torch.testing.assert_close(layer(x) - layer.base_layer(x), x @ (up @ down).T, rtol=1e-5, atol=1e-5)

@@ -94,8 +94,10 @@ def attach_factors(model: nn.Module, name: str, factors: dict[str, tuple[Tensor,
     ``alpha_pattern``), so PEFT and any LoRA server load it. Layers of rank 0 are left out."""
     factors = {p: f for p, f in factors.items() if f[1].shape[0] > 0}
     require(bool(factors), "factors", name, "have rank 0 on every layer; there is nothing to add")
-    keys = {p: re.escape(p) for p in factors}
-    ranks = {p: f[1].shape[0] for p, f in factors.items()}
+    # longest paths first: a pattern matches any module whose name ends with it and the first match wins (PEFT's rule
+    # too), so `up` listed before `block.up` would give `block.up` the rank of `up`
+    keys = {p: re.escape(p) for p in sorted(factors, key=len, reverse=True)}
+    ranks = {p: factors[p][1].shape[0] for p in keys}
     top = max(ranks.values())
     config = LoraConfig(r=top, alpha=float(top), targets=tuple(keys),
                         rank_pattern={keys[p]: r for p, r in ranks.items()},
