@@ -2,17 +2,22 @@
 property and its trainable-parameter formula, against dense reference computations written out here."""
 from __future__ import annotations
 
+import copy
+import json
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
-from zoo import Net, perturb, tiny_llama
+from zoo import Net, net, perturb, tiny_llama
 
 import lorakit
 from lorakit.hosts.host import HostLayer
-from lorakit.io.adapter_files import WEIGHTS_FILE
+from lorakit.io.adapter_files import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE, file_digest
+from lorakit.io.files import read_json, read_safetensors, write_json, write_safetensors
 from lorakit.methods.compacter import CompacterConfig
 from lorakit.methods.lamda import LamdaConfig, lamda_freeze
 from lorakit.methods.mos import MosConfig
@@ -46,7 +51,8 @@ def phm_reference(rule: torch.Tensor, s: torch.Tensor, t: torch.Tensor) -> torch
 
 @pytest.mark.parametrize("n", [2, 4])
 def test_compacter_matvec_without_kronecker_products_matches_torch_kron(n):
-    model, host, c = adapted(nn.Linear(24, 16), CompacterConfig(r=8, n=n))
+    """The parallel form's ``U D x`` (the paper form's ``U GeLU(D y)``: test_compacter_paper.py)."""
+    model, host, c = adapted(nn.Linear(24, 16), CompacterConfig(r=8, n=n, form="parallel"))
     rule = c.shared.phm_rule.detach()
     down = phm_reference(rule, c.phm_down_s.detach(), c.phm_down_t.detach())  # (8, 24)
     up = phm_reference(rule, c.phm_up_s.detach(), c.phm_up_t.detach())  # (16, 8)
@@ -56,31 +62,54 @@ def test_compacter_matvec_without_kronecker_products_matches_torch_kron(n):
     torch.testing.assert_close(model(x), host.base_layer(x) + x @ (up @ down).t(), atol=1e-5, rtol=1e-5)
 
 
-def test_compacter_rules_are_one_shared_tensor_and_the_count_follows_the_formula():
+@pytest.mark.parametrize("form", CompacterConfig.FORMS)
+def test_compacter_rules_are_one_shared_tensor_and_the_count_follows_the_formula(form):
     n, k = 4, 8
-    model = lorakit.adapt(tiny_llama(), CompacterConfig(r=k, n=n))
+    model = lorakit.adapt(tiny_llama(), CompacterConfig(r=k, n=n, form=form))
     layers = linears(model)
     rule = lorakit.inject.shared_states(model)["default"].phm_rule
     assert all(a.shared.phm_rule is rule for _, a in layers)
-    per_layer = sum(n * (k // n + a.geometry.d_in // n) + n * (a.geometry.d_out // n + k // n) for _, a in layers)
+    assert any(a.geometry.d_in != a.geometry.d_out for _, a in layers)  # the down projection's input tells forms apart
+
+    def d_down(a) -> int:  # what D reads: the layer's output (paper) or its input (parallel)
+        return a.geometry.d_out if form == "paper" else a.geometry.d_in
+
+    per_layer = sum(n * (k // n + d_down(a) // n) + n * (a.geometry.d_out // n + k // n) for _, a in layers)
     assert n_trainable(model) == n ** 3 + per_layer
     perturb(model)
-    before = [a.delta_weight(h.backend) for h, a in layers]
+    inputs = {h.path: torch.randn(2, a.geometry.d_in) for h, a in layers}
+
+    def contributions() -> list[torch.Tensor]:
+        with torch.no_grad():
+            return [a(inputs[h.path], h.base_layer(inputs[h.path]), h.backend) for h, a in layers]
+
+    before = contributions()
     with torch.no_grad():
         rule.add_(1.0)  # one update of the slow weights changes every layer's update
-    assert all(not torch.allclose(a.delta_weight(h.backend), d) for (h, a), d in zip(layers, before))
+    assert all(not torch.allclose(c, b) for c, b in zip(contributions(), before))
 
 
-def test_compacter_rejects_n_that_does_not_divide_the_layer():
+@pytest.mark.parametrize("form", CompacterConfig.FORMS)
+def test_compacter_rejects_n_that_does_not_divide_the_layer(form):
     with pytest.raises(lorakit.ConfigError, match="r=6 is invalid: must be a positive multiple of n=4"):
-        CompacterConfig(r=6, n=4)
+        CompacterConfig(r=6, n=4, form=form)
     with pytest.raises(lorakit.ConfigError, match="n=4 is invalid: must divide .* d_out=10"):
-        lorakit.adapt(Net(nn.Linear(12, 10)), CompacterConfig(n=4, targets=["layer"]))
+        lorakit.adapt(Net(nn.Linear(12, 10)), CompacterConfig(n=4, form=form, targets=["layer"]))
+    narrow_input = Net(nn.Linear(10, 12))
+    if form == "parallel":  # D reads the layer's input
+        with pytest.raises(lorakit.ConfigError, match="n=4 is invalid: must divide .* d_in=10"):
+            lorakit.adapt(narrow_input, CompacterConfig(n=4, form=form, targets=["layer"]))
+    else:  # D reads the layer's output: its input size does not matter
+        lorakit.adapt(narrow_input, CompacterConfig(n=4, form=form, targets=["layer"]))
+        perturb(narrow_input)
+        x = torch.randn(3, 10)
+        assert (narrow_input(x) - narrow_input.layer.base_layer(x)).abs().max() > 1e-3
 
 
 # -- state shared by all layers: stored once, saved once, loaded back ------------------------------------------------
 @pytest.mark.parametrize("config,shared_keys", [
     (CompacterConfig(r=8, n=4), ["phm_rule"]),
+    (CompacterConfig(r=8, n=4, form="parallel"), ["phm_rule"]),
     (S2LoraConfig(r=4), [f"s2lora_{m}.{g}" for m in "AB" for g in ("16x32", "32x32", "32x64", "64x32")]),
     (MosConfig(r=4, pool_size=8), [f"pools.{p}" for p in ("A16", "A32", "B16", "B32", "B8")]),
 ])
@@ -318,7 +347,8 @@ def test_sara_on_conv2d_is_the_masked_kernel_and_the_fused_linear_matches():
 
 # -- MoSA -----------------------------------------------------------------------------------------------------------
 def test_mosa_modules_partition_the_adapter_and_only_sampled_ones_get_gradients():
-    model, host, mosa = adapted(nn.Linear(12, 10), MosaConfig(r=4, modules=4))
+    """The parallel form's ``A``, ``B`` (the paper form's bottleneck: test_mosa_paper.py)."""
+    model, host, mosa = adapted(nn.Linear(12, 10), MosaConfig(r=4, modules=4, form="parallel"))
     assert n_trainable(model) == 4 * (12 + 10)  # the standard adapter's count: splitting adds nothing
     for part, t in ((mosa.mosa_module_A, mosa.lora_A.weight), (mosa.mosa_module_B, mosa.lora_B.weight)):
         assert part.shape == t.shape and torch.bincount(part.flatten(), minlength=4).tolist() == [t.numel() // 4] * 4
@@ -338,7 +368,7 @@ def test_mosa_modules_partition_the_adapter_and_only_sampled_ones_get_gradients(
 
 
 def test_mosa_merged_and_eval_adapter_is_the_complete_one_at_lora_cost():
-    model, host, mosa = adapted(nn.Linear(12, 10), MosaConfig(r=4, modules=3))
+    model, host, mosa = adapted(nn.Linear(12, 10), MosaConfig(r=4, modules=3, form="parallel"))
     model.train()
     mosa_resample(model, k=1)
     a, b = mosa.lora_A.weight.detach(), mosa.lora_B.weight.detach()
@@ -357,11 +387,13 @@ def test_mosa_merged_and_eval_adapter_is_the_complete_one_at_lora_cost():
     assert flops[0] == flops[1]
 
 
-# -- exact low-rank factors (stacked serving path, LoRA export) -------------------------------------------------------
-@pytest.mark.parametrize("config", [CompacterConfig(r=4), S2LoraConfig(r=4), LamdaConfig(r=4), MosaConfig(r=4),
-                                    MosConfig(r=4, private_rank=1, pool_size=6)], ids=lambda c: c.method)
+# -- exact low-rank factors (stacked serving path, LoRA export); Compacter's and MoSA's mergeable (parallel) forms ----
+@pytest.mark.parametrize("config", [CompacterConfig(r=4, form="parallel"), S2LoraConfig(r=4), LamdaConfig(r=4),
+                                    MosaConfig(r=4, form="parallel"), MosConfig(r=4, private_rank=1, pool_size=6)],
+                         ids=lambda c: c.method)
 def test_factors_are_exact_and_of_rank_r(config):
     model, host, adapter = adapted(nn.Linear(12, 10), config)
+    assert adapter.capabilities.factorable
     b, a = adapter.factors()
     assert b.shape == (10, 4) and a.shape == (4, 12)
     torch.testing.assert_close(b @ a, adapter.delta_weight(host.backend))
@@ -369,8 +401,8 @@ def test_factors_are_exact_and_of_rank_r(config):
     torch.testing.assert_close(model(x), host.base_layer(x) + x @ a.t() @ b.t(), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("config", [CompacterConfig(r=8, n=4), S2LoraConfig(r=4), MosConfig(r=4, pool_size=8)],
-                         ids=lambda c: c.method)
+@pytest.mark.parametrize("config", [CompacterConfig(r=8, n=4, form="parallel"), S2LoraConfig(r=4),
+                                    MosConfig(r=4, pool_size=8)], ids=lambda c: c.method)
 def test_shared_state_methods_export_as_a_plain_lora(config, tmp_path):
     model = lorakit.adapt(tiny_llama(), config)
     perturb(model)
@@ -379,3 +411,49 @@ def test_shared_state_methods_export_as_a_plain_lora(config, tmp_path):
     assert type(lorakit.configs(loaded)["default"]) is lorakit.LoraConfig
     ids = torch.randint(0, 96, (2, 8))
     torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layer", ["linear", "gpt2_conv1d"])
+def test_compacter_parallel_form_exports_as_a_plain_lora_on_each_linear_layer_type(layer, tmp_path):
+    """The stock layer with the exported LoRA computes what the parallel Compacter did (a transposed GPT-2 Conv1D
+    too); the paper form refuses export (test_compacter_paper.py)."""
+    model, x = net(layer)
+    stock = copy.deepcopy(model)
+    lorakit.adapt(model, CompacterConfig(r=4, form="parallel", targets=["layer"]))
+    perturb(model)
+    lorakit.export_lora(model, tmp_path)
+    lorakit.load_adapter(stock, tmp_path)
+    assert type(lorakit.configs(stock)["default"]) is lorakit.LoraConfig
+    torch.testing.assert_close(stock(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+# -- adapter files written before Compacter's and MoSA's ``form`` field existed ---------------------------------------
+def drop_saved_field(directory: Path, field: str) -> None:
+    """Make a saved adapter what a lorakit without config field ``field`` wrote: the field gone from both configs
+    (the weights' metadata and the JSON), the manifest matching the rewritten files."""
+    tensors, metadata = read_safetensors(directory / WEIGHTS_FILE)
+    config = json.loads(metadata["lorakit_config"])
+    del config[field]
+    write_safetensors(directory / WEIGHTS_FILE, tensors, {**metadata, "lorakit_config": json.dumps(config)})
+    peft = read_json(directory / CONFIG_FILE)
+    del peft[field]
+    write_json(directory / CONFIG_FILE, peft)
+    write_json(directory / MANIFEST_FILE, {"files": {f: file_digest(directory / f) for f in (WEIGHTS_FILE,
+                                                                                              CONFIG_FILE)}})
+
+
+@pytest.mark.parametrize("config", [CompacterConfig(r=4, n=4, form="parallel"), MosaConfig(r=4, form="parallel")],
+                         ids=lambda c: c.method)
+def test_a_file_without_form_loads_as_the_parallel_form_it_was_trained_as(config, tmp_path):
+    """Before ``form`` existed both methods were their parallel form; today's default is the paper's, so a file that
+    omits the field must not take it. A square layer: Compacter's two forms would even have tensors of equal shapes."""
+    model, host, _ = adapted(nn.Linear(16, 16), config)
+    stock = Net(copy.deepcopy(host.base_layer))
+    lorakit.save_adapter(model, tmp_path)
+    drop_saved_field(tmp_path, "form")
+    assert "form" not in json.loads(read_safetensors(tmp_path / WEIGHTS_FILE)[1]["lorakit_config"])
+    loaded = lorakit.load_adapter(stock, tmp_path)
+    assert lorakit.configs(loaded)["default"] == lorakit.configs(model)["default"]  # form="parallel"
+    assert loaded.layer.adapters["default"].capabilities.mergeable
+    x = torch.randn(3, 16)
+    assert torch.equal(loaded(x), model(x))

@@ -54,7 +54,18 @@ def test_paper_form_is_the_identity_at_init_and_declares_itself_non_mergeable():
     torch.testing.assert_close(model(x), host.base_layer(x), atol=0, rtol=0)
     assert not adapter.capabilities.mergeable and not adapter.capabilities.factorable
     assert adapter.capabilities.identity_at_init and adapter.factors() is None
-    assert CompacterConfig().form == "parallel"  # the default keeps the mergeable variant
+
+
+def test_the_paper_form_is_the_default_and_the_parallel_form_is_the_mergeable_variant():
+    assert lorakit.build_config("compacter") == CompacterConfig(form="paper")
+    _, _, default = adapted(nn.Linear(24, 16), CompacterConfig(r=8, n=4))
+    assert default.phm_down_t.shape == (4, 16 // 4)  # D reads the layer's output (d_out=16), not its input (24)
+    assert not default.capabilities.mergeable and not default.capabilities.factorable
+    _, host, parallel = adapted(nn.Linear(24, 16), CompacterConfig(r=8, n=4, form="parallel"))
+    assert parallel.phm_down_t.shape == (4, 24 // 4)
+    assert parallel.capabilities.mergeable and parallel.capabilities.factorable
+    up, down = parallel.factors()
+    torch.testing.assert_close(up @ down, parallel.delta_weight(host.backend))
 
 
 @pytest.mark.parametrize("form,linear", [("paper", False), ("parallel", True)])
@@ -108,3 +119,24 @@ def test_paper_form_saves_and_loads_back_identically(tmp_path):
     assert lorakit.configs(loaded)["default"].form == "paper"
     ids = torch.randint(0, 96, (2, 8))
     assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_what_needs_a_weight_update_refuses_the_default_form_clearly(tmp_path):
+    """Merging into the base, unloading merged, exporting as a LoRA and merging adapters into a new LoRA all need
+    ``dW``, which the default (paper) form does not have: each is refused with a LorakitError, the model untouched."""
+    from lorakit.merging.model import merge_adapters
+
+    model = lorakit.adapt(tiny_llama(), CompacterConfig(r=4, n=2))
+    perturb(model)
+    ids = torch.randint(0, 96, (2, 8))
+    before = model(ids).logits.detach()
+    with pytest.raises(lorakit.LorakitError, match="cannot be merged"):
+        lorakit.merge(model)
+    with pytest.raises(lorakit.LorakitError, match="cannot be merged"):
+        lorakit.unload(model, merge_active=True)
+    with pytest.raises(lorakit.LorakitError, match="exactly low rank"):
+        lorakit.export_lora(model, tmp_path)
+    with pytest.raises(lorakit.LorakitError, match="form='parallel'"):
+        merge_adapters(model, ["default"])
+    assert list(lorakit.configs(model)) == ["default"] and not any(h.merged for h in lorakit.inject.hosts(model))
+    assert torch.equal(model(ids).logits, before)

@@ -1,61 +1,76 @@
 """The contract every registered method honours on every layer type it declares.
 
-Parametrized over the method registry: registering a method puts it under these tests.
+Parametrized over the method registry and, for a method with several forms (a ``form`` field), over each form: the
+default config and every other form's (:func:`zoo.forms`). What a variant can do (its layers, whether it merges, ...)
+is read from the adapter it builds, never from the registered class: registering a method puts it under these tests.
 """
 from __future__ import annotations
 
 import pytest
 import torch
-from zoo import KIND, LAYERS, net, perturb
+from zoo import KIND, LAYERS, built_capabilities, form_config, forms, net, perturb, variant_id
 
 import lorakit
 from lorakit.errors import LorakitError
 from lorakit.methods import METHODS
 
+VARIANTS = [(method, form) for method in METHODS.names() for form in forms(method)]
 CASES = [
-    (method, layer)
-    for method in METHODS.names()
+    pytest.param(method, form, layer, id=variant_id(method, form, layer))
+    for method, form in VARIANTS
     for layer in LAYERS
-    if KIND[layer] in METHODS.get(method)[0].capabilities.layers
+    if KIND[layer] in built_capabilities(method, form).layers
 ]
 UNSUPPORTED = [
-    (method, layer)
-    for method in METHODS.names()
+    pytest.param(method, form, layer, id=variant_id(method, form, layer))
+    for method, form in VARIANTS
     for layer in LAYERS
-    if KIND[layer] not in METHODS.get(method)[0].capabilities.layers
+    if KIND[layer] not in built_capabilities(method, form).layers
 ]
 
 
-def config(method: str, **fields):
-    return lorakit.build_config(method, targets=["layer"], **fields)
-
-
-def adapted(method: str, layer: str, names=("default",)):
+def adapted(method: str, form: str | None, layer: str, names=("default",)):
     model, x = net(layer)
     base_out = model(x).detach()
     base_weight = model.layer.weight.detach().clone()
     for name in names:
-        lorakit.adapt(model, config(method), name)
+        lorakit.adapt(model, form_config(method, form), name)
     return model, x, base_out, base_weight
 
 
-@pytest.mark.parametrize("method,layer", CASES)
-def test_identity_at_init(method, layer):
-    model, x, base_out, _ = adapted(method, layer)
-    if METHODS.get(method)[0].capabilities.identity_at_init:
+def test_every_form_of_a_method_is_under_the_contract():
+    """Each variant's config has its own form, and together they are every form its config class lists (a ``form``
+    field without ``FORMS`` would leave the non-default forms untested)."""
+    for method in METHODS.names():
+        tested = [getattr(form_config(method, form), "form", None) for form in forms(method)]
+        assert sorted(tested, key=str) == sorted(getattr(METHODS.get(method)[1], "FORMS", (None,)), key=str), method
+
+
+def test_a_form_that_builds_another_class_fits_the_registered_layers():
+    """``adapt`` refuses layer types by the registered class's capabilities, before building: every variant's own
+    layer types must lie within them, or it would be refused on layers it supports."""
+    for method, form in VARIANTS:
+        assert built_capabilities(method, form).layers <= METHODS.get(method)[0].capabilities.layers, (method, form)
+
+
+@pytest.mark.parametrize("method,form,layer", CASES)
+def test_identity_at_init(method, form, layer):
+    model, x, base_out, _ = adapted(method, form, layer)
+    if model.layer.adapters["default"].capabilities.identity_at_init:
         torch.testing.assert_close(model(x), base_out, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("method,layer", CASES)
-def test_merge_unmerge_disable(method, layer):
-    model, x, base_out, base_weight = adapted(method, layer)
+@pytest.mark.parametrize("method,form,layer", CASES)
+def test_merge_unmerge_disable(method, form, layer):
+    model, x, base_out, base_weight = adapted(method, form, layer)
     perturb(model)
     out = model(x).detach()
     assert (out - base_out).abs().max() > 1e-3, "perturbed adapter must change the output"
     with lorakit.disable(model):
         torch.testing.assert_close(model(x), base_out, atol=0, rtol=0)
     torch.testing.assert_close(model(x), out, atol=0, rtol=0)
-    if not METHODS.get(method)[0].capabilities.mergeable:  # input-dependent updates (SMoRA's gate)
+    # not mergeable: input-dependent (SMoRA's gate) or non-linear (the paper forms of Compacter, MoSA) updates
+    if not model.layer.adapters["default"].capabilities.mergeable:
         with pytest.raises(LorakitError, match="cannot be merged"):
             lorakit.merge(model)
         torch.testing.assert_close(model(x), out, atol=0, rtol=0)  # refused before anything changed
@@ -70,21 +85,21 @@ def test_merge_unmerge_disable(method, layer):
     torch.testing.assert_close(model(x), out, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("method,layer", CASES)
-def test_save_load_identical(method, layer, tmp_path):
-    model, x, _, _ = adapted(method, layer)
+@pytest.mark.parametrize("method,form,layer", CASES)
+def test_save_load_identical(method, form, layer, tmp_path):
+    model, x, _, _ = adapted(method, form, layer)
     perturb(model)
     out = model(x)
     lorakit.save_adapter(model, tmp_path)
     fresh, _ = net(layer)
     lorakit.load_adapter(fresh, tmp_path)
     assert torch.equal(fresh(x), out)
-    assert type(lorakit.configs(fresh)["default"]) is type(lorakit.configs(model)["default"])
+    assert lorakit.configs(fresh)["default"] == lorakit.configs(model)["default"]
 
 
-@pytest.mark.parametrize("method,layer", CASES)
-def test_only_declared_tensors_get_gradients(method, layer):
-    model, x, _, _ = adapted(method, layer)
+@pytest.mark.parametrize("method,form,layer", CASES)
+def test_only_declared_tensors_get_gradients(method, form, layer):
+    model, x, _, _ = adapted(method, form, layer)
     perturb(model)
     model.train()
     out = model(x)
@@ -98,9 +113,9 @@ def test_only_declared_tensors_get_gradients(method, layer):
             assert p.grad is None and not p.requires_grad, f"{name} is not declared trainable but got a gradient"
 
 
-@pytest.mark.parametrize("method,layer", CASES)
-def test_mixed_batch_equals_rows_alone(method, layer):
-    model, x, _, _ = adapted(method, layer, names=("a", "b"))
+@pytest.mark.parametrize("method,form,layer", CASES)
+def test_mixed_batch_equals_rows_alone(method, form, layer):
+    model, x, _, _ = adapted(method, form, layer, names=("a", "b"))
     perturb(model)
     model.train()
     names = ["a", "b", None, "a"]
@@ -142,11 +157,11 @@ def test_bad_configs_raise_clear_errors(method):
         lorakit.build_config(method, no_such_field=1)
 
 
-@pytest.mark.parametrize("method,layer", UNSUPPORTED)
-def test_unsupported_layer_is_a_clear_error(method, layer):
+@pytest.mark.parametrize("method,form,layer", UNSUPPORTED)
+def test_unsupported_layer_is_a_clear_error(method, form, layer):
     model, _ = net(layer)
     with pytest.raises(lorakit.LorakitError, match=f"does not support {KIND[layer]} layers"):
-        lorakit.adapt(model, config(method))
+        lorakit.adapt(model, form_config(method, form))
     assert not list(lorakit.inject.hosts(model)), "a failed adapt must leave the model untouched"
 
 
@@ -158,16 +173,17 @@ def token_weights(layer: str, x: torch.Tensor, n: int) -> torch.Tensor:
     return w.requires_grad_(True)
 
 
-WEIGHTED_CASES = [(m, layer, "sparse") for m, layer in CASES] + [(m, "linear", "dense") for m, layer in CASES
-                                                                  if layer == "linear"]
+WEIGHTED_CASES = [
+    pytest.param(*case.values, "sparse", id=f"{case.id}-sparse") for case in CASES
+] + [pytest.param(*case.values, "dense", id=f"{case.id}-dense") for case in CASES if case.values[2] == "linear"]
 
 
-@pytest.mark.parametrize("method,layer,dispatch", WEIGHTED_CASES)
-def test_weighted_mix_equals_the_per_token_reference(method, layer, dispatch):
+@pytest.mark.parametrize("method,form,layer,dispatch", WEIGHTED_CASES)
+def test_weighted_mix_equals_the_per_token_reference(method, form, layer, dispatch):
     """``mix``: ``base + sum_i w_i (y_i - base)`` per token, ``y_i`` the output with only adapter ``i`` active;
     outputs and gradients (adapters and the weights themselves, where routed) equal that dense reference."""
     names = ["a", "b", "c"]
-    model, x, _, _ = adapted(method, layer, names=tuple(names))
+    model, x, _, _ = adapted(method, form, layer, names=tuple(names))
     perturb(model)
     model.train()
     w = token_weights(layer, x, len(names))

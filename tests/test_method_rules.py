@@ -43,20 +43,22 @@ def test_lamda_stops_training_b_at_its_step_and_frees_its_state(model_dir: Path,
         LamdaFreeze("default").load_state_dict({"frozen": 3}, torch.nn.Linear(1, 1))
 
 
-def test_mosa_trains_only_the_sampled_modules_and_ends_complete(model_dir: Path, texts: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("form,up", [("paper", "mosa_up"), ("parallel", "lora_B")])
+def test_mosa_trains_only_the_sampled_modules_and_ends_complete(model_dir: Path, texts: Path, tmp_path: Path,
+                                                                form: str, up: str) -> None:
     moved: list[torch.Tensor] = []
 
     def record(trainer: Trainer, result: StepResult) -> None:
         for host in hosts(trainer.model):
             mosa = host.adapters["default"]
-            raw_b = next(p for n, p in mosa.named_parameters() if "lora_B" in n)  # B starts at zero
+            raw_b = next(p for n, p in mosa.named_parameters() if up in n)  # the up projection starts at zero
             if result.step == 2:  # step 1 ran at learning rate 0 (warmup); its moments move step 1's module too
                 moved.append((raw_b != 0).float().mean())
             if result.step == 3:
                 assert mosa._masks is None  # every module active after the last step
 
     finetune(lm_options(model_dir, texts, tmp_path, steps=3, method="mosa",
-                        method_options={"modules": 4, "active_modules": 1}), callbacks=[record])
+                        method_options={"modules": 4, "active_modules": 1, "form": form}), callbacks=[record])
     share = torch.stack(moved)
     assert ((share > 0.15) & (share < 0.6)).all()  # one or two modules of four moved, never all
     with pytest.raises(ConfigError, match="active_modules"):

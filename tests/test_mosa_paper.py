@@ -13,7 +13,7 @@ from zoo import Net, perturb
 
 import lorakit
 from lorakit.errors import LorakitError
-from lorakit.methods.mosa import MosaBottleneck, MosaConfig, MosaResample, draw_modules, mosa_resample
+from lorakit.methods.mosa import Mosa, MosaBottleneck, MosaConfig, MosaResample, draw_modules, mosa_resample
 
 D_IN, D_OUT = 12, 10
 
@@ -37,14 +37,23 @@ def contribution(model, host, x):
     return model(x) - host.base_layer(x)
 
 
-def test_parallel_stays_the_default_and_paper_builds_the_bottleneck():
-    assert MosaConfig().form == "parallel"
-    _, _, adapter = adapted(MosaConfig(r=4, form="paper"))
+def test_the_paper_form_is_the_default_and_builds_the_bottleneck():
+    assert lorakit.build_config("mosa") == MosaConfig(form="paper")
+    _, _, adapter = adapted(MosaConfig(r=4))
     assert type(adapter) is MosaBottleneck
     assert not adapter.capabilities.mergeable and not adapter.capabilities.factorable
     assert adapter.mosa_down.shape == (4, D_OUT) and adapter.mosa_up.shape == (D_OUT, 4)
+    _, _, parallel = adapted(MosaConfig(r=4, form="parallel"))
+    assert type(parallel) is Mosa and parallel.capabilities.mergeable and parallel.capabilities.factorable
     with pytest.raises(LorakitError):
         MosaConfig(form="serial")
+
+
+@pytest.mark.parametrize("field,value", [("init", "gaussian"), ("dropout", 0.1), ("lora_bias", True)])
+def test_lora_only_options_point_to_the_parallel_form(field, value):
+    with pytest.raises(LorakitError, match=f"{field}=.*form='paper' \\(the default.*form='parallel'"):
+        MosaConfig(**{field: value})
+    assert getattr(MosaConfig(form="parallel", **{field: value}), field) == value
 
 
 @pytest.mark.parametrize("activation, act", [("relu", F.relu), ("gelu", F.gelu)])
@@ -106,13 +115,27 @@ def test_the_training_hook_samples_the_paper_form_and_ends_complete():
 
 
 def test_merge_is_refused_with_a_clear_error():
-    model, host, m = adapted(MosaConfig(r=4, form="paper"))
+    """Of the default (paper) form: merging into the base, unloading merged and merging adapters into a new LoRA."""
+    from lorakit.merging.model import merge_adapters
+
+    model, host, m = adapted(MosaConfig(r=4))
     w = host.base_layer.weight.detach().clone()
     with pytest.raises(LorakitError, match="cannot be merged"):
         lorakit.merge(model)
+    with pytest.raises(LorakitError, match="cannot be merged"):
+        lorakit.unload(model, merge_active=True)
     with pytest.raises(LorakitError, match="form='parallel'"):
         m.merge_delta(None)
+    with pytest.raises(LorakitError, match="form='parallel'"):
+        merge_adapters(model, ["default"])
+    assert list(lorakit.configs(model)) == ["default"]
     assert torch.equal(host.base_layer.weight, w) and not host.merged
+
+
+def test_export_of_the_default_form_is_refused_clearly(tmp_path):
+    model, _, _ = adapted(MosaConfig(r=4))
+    with pytest.raises(LorakitError, match="LoRA-family or exactly low rank"):
+        lorakit.export_lora(model, tmp_path)
 
 
 def test_save_load_round_trip(tmp_path):

@@ -1,12 +1,19 @@
-"""Tiny models for tests: one of each supported host layer type, and small transformers models."""
+"""Tiny models for tests: one of each supported host layer type, and small transformers models; the config variants
+(forms) each method is tested in."""
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Callable
 
 import torch
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 from transformers.pytorch_utils import Conv1D
+
+import lorakit
+from lorakit.config import AdapterConfig
+from lorakit.methods.base import METHODS, Capabilities
 
 
 class Net(nn.Module):
@@ -44,6 +51,34 @@ def net(layer_name: str) -> tuple[Net, torch.Tensor]:
     return model, make_input(4)
 
 
+def forms(method: str) -> list[str | None]:
+    """The variants of ``method`` to test: ``None`` (its default config, ``form`` not given) first, then every other
+    value of its ``form`` field (a config class with several forms lists them in ``FORMS``)."""
+    config_cls = METHODS.get(method)[1]
+    default = next((f.default for f in dataclasses.fields(config_cls) if f.name == "form"), None)
+    return [None] + [form for form in getattr(config_cls, "FORMS", ()) if form != default]
+
+
+def form_config(method: str, form: str | None) -> AdapterConfig:
+    """``method``'s config on ``Net``'s layer: the default one (``form=None``) or the one of ``form``."""
+    return lorakit.build_config(method, targets=["layer"], **({} if form is None else {"form": form}))
+
+
+def variant_id(method: str, form: str | None, *rest: str) -> str:
+    """A test id: ``lora-linear`` for a default config, ``mosa-parallel-linear`` for another form."""
+    return "-".join(part for part in (method, form, *rest) if part)
+
+
+@functools.cache
+def built_capabilities(method: str, form: str | None) -> Capabilities:
+    """The capabilities of the adapter ``form_config(method, form)`` builds on a linear layer (every method supports
+    one): what that variant declares, which the registered class's capabilities need not be (a form may build
+    another adapter class, or set its own)."""
+    model, _ = net("linear")
+    lorakit.adapt(model, form_config(method, form))
+    return model.layer.adapters["default"].capabilities
+
+
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -72,8 +107,6 @@ def tiny_unet(seed: int = 0) -> nn.Module:
 
 def perturb(module: nn.Module, std: float = 0.3) -> None:
     """Give every adapter tensor a non-trivial value (so properties are not checked at a zero update)."""
-    import lorakit
-
     with torch.no_grad():
         for host in lorakit.inject.hosts(module):
             for adapter in host.adapters.values():

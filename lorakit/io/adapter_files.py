@@ -3,7 +3,10 @@
 A directory holds ``adapter_config.json`` (PEFT's config fields for methods PEFT has) and
 ``adapter_model.safetensors`` with PEFT's keys, ``base_model.model.<module path>.<tensor>`` (e.g.
 ``...q_proj.lora_A.weight``, ``...q_proj.lora_magnitude_vector``). The safetensors metadata also records the
-lorakit method and its full config, so lorakit-only details (e.g. LoRA-FA's frozen ``A``) round-trip.
+lorakit method and its full config, so lorakit-only details (e.g. LoRA-FA's frozen ``A``) round-trip. A config class
+whose field was added with a default other than what older files meant declares ``FILE_DEFAULTS`` (field -> value),
+used for files that omit the field (Compacter's and MoSA's ``form``: files from before it existed are the parallel
+form, not today's default).
 
 An adapter's copies of its modules to save (``modules_to_save``, :mod:`lorakit.modules_to_save`) are stored under
 PEFT's keys, ``base_model.model.<module path>.<tensor>`` (no adapter name), and the config's ``modules_to_save``
@@ -161,7 +164,8 @@ def check_manifest(directory: Path) -> None:
 def _config_from_files(directory: Path, metadata: dict[str, str]) -> AdapterConfig:
     if "lorakit_method" in metadata:
         _, config_cls = METHODS.get(metadata["lorakit_method"])
-        fields = json.loads(metadata.get("lorakit_config", "{}"))
+        # a field the file omits takes the value files meant before it existed, when that differs from its default
+        fields = {**getattr(config_cls, "FILE_DEFAULTS", {}), **json.loads(metadata.get("lorakit_config", "{}"))}
         known = {f.name for f in dataclasses.fields(config_cls)}
         unknown = sorted(set(fields) - known)
         if unknown:

@@ -41,8 +41,9 @@ def export_lora(model: nn.Module, directory: str | Path, name: str = "default") 
     # handles (a residual initialisation) or refuses (a replaced base) it
     if not rewrote and all(h.adapters[name].capabilities.factorable for h in layers):
         return _export_factors(model, directory, name, layers, config.modules_to_save)
-    require(isinstance(config, LoraConfig), "adapter", name,
-            f"must be LoRA-family or exactly low rank to export as LoRA (it is {type(config).__name__})")
+    require(isinstance(config, LoraConfig) and all(isinstance(h.adapters[name], Lora) for h in layers), "adapter",
+            name, f"must be LoRA-family or exactly low rank to export as LoRA (it is {type(config).__name__}, "
+                  f"built as {type(layers[0].adapters[name]).__name__})")
     for host in layers:
         require(not host.adapters[name].base_replaced, "adapter", name,
                 f"replaced the base of {host.path!r} by a quantised weight (LoftQ); it is only valid on that base")

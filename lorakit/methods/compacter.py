@@ -6,20 +6,21 @@ entry 2): low-rank hypercomplex (LPHM) adapter layers.
 Two forms (``CompacterConfig.form``), both with ``D = PHM(s_down, t_down)`` (to the bottleneck ``k``) and
 ``U = PHM(s_up, t_up)`` (back out):
 
-* ``"paper"``: the paper's serial bottleneck adapter on the host layer's output ``y = base(x)``,
-  ``h = y + U GeLU(D y)`` (``D: (k, d_out)``, ``U: (d_out, k)``). Non-linear, so neither mergeable nor factorable.
-* ``"parallel"`` (the default): a linear branch beside the layer, ``h = y + U D x`` (``D: (k, d_in)``,
-  ``U: (d_out, k)``), i.e. ``dW = U D``, which merges into the weight and is exactly low rank.
+* ``"paper"`` (the default): the paper's serial bottleneck adapter on the host layer's output ``y = base(x)``,
+  ``h = y + U GeLU(D y)`` (``D: (k, d_out)``, ``U: (d_out, k)``). Non-linear, so neither mergeable nor factorable
+  (the class-level :class:`Capabilities` are this form's); merging it, or exporting it as a LoRA, is refused.
+* ``"parallel"`` (the mergeable variant): a linear branch beside the layer, ``h = y + U D x`` (``D: (k, d_in)``,
+  ``U: (d_out, k)``), i.e. ``dW = U D``, which merges into the weight and is exactly low rank (``factors()``, LoRA
+  export); such an adapter carries its own capabilities (:attr:`Compacter.parallel_capabilities`).
 
-The default stays ``"parallel"`` because existing behaviour depends on it: the method's class-level capabilities
-(which the contract suite reads for the default config) declare it mergeable and factorable, and existing tests
-and users merge it, read ``delta_weight`` / ``factors`` and export it as a plain LoRA. Choose ``form="paper"``
-for the published adapter.
+``method="compacter"`` is the published adapter; ask for ``form="parallel"`` to merge it, read ``delta_weight`` /
+``factors`` or export it as a plain LoRA. Adapter files written before the ``form`` field existed were trained as the
+parallel form and load as such (:attr:`CompacterConfig.FILE_DEFAULTS`).
 
 The "slow" rules ``A_i`` (``phm_rule: (n, n, n)``) are one tensor shared by every Compacter layer of the model
 (:class:`CompacterRules`, stored once); each layer trains only the rank-one "fast" factors of its down and up
-projections: ``n (k/n + d_in/n) + n (d_out/n + k/n)`` numbers (``d_in`` is ``d_out`` in the paper form), plus
-``n^3`` shared ones.
+projections: ``n (k/n + d_down/n) + n (d_out/n + k/n)`` numbers (``d_down`` is the layer's ``d_out`` in the paper
+form, its ``d_in`` in the parallel one), plus ``n^3`` shared ones.
 
 Each PHM product is applied to ``x`` reshaped to ``X: (n, d/n)`` as ``y[p, a] = sum_i s_i[a] sum_q A_i[p, q]
 (t_i . X[q])``: ``O(n (d + k) + n^3)`` per token, never forming a Kronecker product or ``dW``.
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -45,8 +47,6 @@ from ..hosts.backend import Backend
 from ..hosts.geometry import Geometry
 from .base import Adapter, Capabilities, SharedState, register_method
 
-FORMS = ("parallel", "paper")
-
 
 @dataclass(frozen=True)
 class CompacterConfig(AdapterConfig):
@@ -54,17 +54,23 @@ class CompacterConfig(AdapterConfig):
 
     Attributes:
         r: bottleneck size ``k``; a multiple of ``n``.
-        n: number of Kronecker terms (the hypercomplex dimension); must divide every targeted layer's ``d_in``
-            and ``d_out``.
+        n: number of Kronecker terms (the hypercomplex dimension); must divide every targeted layer's ``d_out``
+            (and, in the parallel form, which reads the layer's input, its ``d_in``).
         seed: seed of the shared rules' initialisation.
-        form: ``"parallel"`` (default; linear ``U D x`` beside the layer, mergeable) or ``"paper"`` (the paper's
-            serial bottleneck ``U GeLU(D y)`` on the layer's output ``y``; not mergeable).
+        form: ``"paper"`` (default; the paper's serial bottleneck ``U GeLU(D y)`` on the layer's output ``y``; not
+            mergeable) or ``"parallel"`` (linear ``U D x`` beside the layer; mergeable, exactly low rank).
     """
+
+    #: The accepted values of ``form``.
+    FORMS: ClassVar[tuple[str, ...]] = ("paper", "parallel")
+    #: Values of fields that adapter files written before the field existed omit: such a file was trained as the
+    #: parallel form (the only one then), so it loads as that, not as today's default.
+    FILE_DEFAULTS: ClassVar[Mapping[str, Any]] = {"form": "parallel"}
 
     r: int = 8
     n: int = 2
     seed: int = 0
-    form: str = "parallel"
+    form: str = "paper"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -72,7 +78,7 @@ class CompacterConfig(AdapterConfig):
         require(isinstance(self.r, int) and self.r >= 1 and self.r % self.n == 0, "r", self.r,
                 f"must be a positive multiple of n={self.n}")
         require(isinstance(self.seed, int), "seed", self.seed, "must be an integer")
-        require(self.form in FORMS, "form", self.form, f"must be one of {FORMS}")
+        require(self.form in self.FORMS, "form", self.form, f"must be one of {self.FORMS}")
 
 
 class CompacterRules(SharedState):
@@ -101,13 +107,13 @@ def phm_dense(rule: Tensor, s: Tensor, t: Tensor) -> Tensor:
 
 @register_method("compacter", CompacterConfig)
 class Compacter(Adapter):
-    """``U D x`` (parallel) or ``U GeLU(D base(x))`` (paper) with shared rules ``A_i`` and rank-one fast factors.
+    """``U GeLU(D base(x))`` (paper) or ``U D x`` (parallel) with shared rules ``A_i`` and rank-one fast factors.
 
-    The class-level capabilities are the default (parallel) form's; a paper-form adapter carries its own.
+    The class-level capabilities are the default (paper) form's; a parallel-form adapter carries its own.
     """
 
-    capabilities = Capabilities(layers=frozenset({"linear"}), factorable=True)
-    paper_capabilities = Capabilities(layers=frozenset({"linear"}), mergeable=False, factorable=False)
+    capabilities = Capabilities(layers=frozenset({"linear"}), mergeable=False, factorable=False)
+    parallel_capabilities = Capabilities(layers=frozenset({"linear"}), factorable=True)
 
     @classmethod
     def shared_state(cls, config: AdapterConfig, geometries: list[Geometry]) -> CompacterRules:
@@ -119,11 +125,12 @@ class Compacter(Adapter):
         super().__init__(geometry, config, base)
         self.hold_shared(shared)
         self.paper = config.form == "paper"
-        if self.paper:
-            self.capabilities = self.paper_capabilities
+        if not self.paper:
+            self.capabilities = self.parallel_capabilities
         n, k = config.n, config.r
         d_down = geometry.d_out if self.paper else geometry.d_in  # what D reads: the layer's output or input
-        for name, d in (("d_in", geometry.d_in), ("d_out", geometry.d_out)):
+        read = {"d_out": geometry.d_out} if self.paper else {"d_in": geometry.d_in, "d_out": geometry.d_out}
+        for name, d in read.items():  # the paper form never reads the layer's input
             if d % n:
                 raise ConfigError(f"n={n} is invalid: must divide every targeted layer's {name} "
                                   f"(a layer has {name}={d})")
@@ -155,8 +162,8 @@ class Compacter(Adapter):
     def merge_delta(self, unit_scale: Tensor | None) -> Tensor:
         factors = self.factors()
         if factors is None:
-            raise LorakitError("a Compacter adapter with form='paper' (U GeLU(D y) on the layer's output) is "
-                               "non-linear and has no weight update; use form='parallel' to merge")
+            raise LorakitError("a Compacter adapter with form='paper' (the default: U GeLU(D y) on the layer's "
+                               "output) is non-linear and has no weight update; use form='parallel' to merge")
         up, down = factors
         return up @ down  # (d_out, d_in)
 

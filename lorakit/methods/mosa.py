@@ -4,27 +4,34 @@
     training step:  delta(x) = s * (B (.) N_S)(A (.) M_S) x,   M_S = sum_{i in S} M_i,  S = the sampled modules
     after tuning:   delta(x) = s * B A x                        (the merged, complete adapter)
 
-The adapter (LoRA-shaped here, see below) is *split* into ``modules`` non-overlapping sparse modules: every entry of
-``A`` and ``B`` belongs to exactly one module (a balanced random partition from ``seed``, rebuilt on load). Each
-training step activates a random subset of the modules (:func:`mosa_resample`, called before the forward), so only
-their entries receive gradients; the modules are *merged* back by construction, since their sum is the full
-``A``, ``B``: evaluation mode (and training before any resample, or after :func:`mosa_resample` with ``k=None``)
-runs the complete adapter, at exactly LoRA's cost.
+The adapter (either form, see below; the formulas above are written for the parallel form's ``A``, ``B``) is *split*
+into ``modules`` non-overlapping sparse modules: every entry of its two weights belongs to exactly one module (a
+balanced random partition from ``seed``, rebuilt on load). Each training step activates a random subset of the
+modules (:func:`mosa_resample`, called before the forward), so only their entries receive gradients; the modules are
+*merged* back by construction, since their sum is the full pair of weights: evaluation mode (and training before any
+resample, or after :func:`mosa_resample` with ``k=None``) runs the complete adapter, at exactly the unsplit adapter's
+cost.
 
 Two forms (``MosaConfig.form``):
 
-* ``"parallel"`` (default, the mergeable variant): the adapter is a parallel linear bottleneck, i.e. LoRA's ``s B A``
-  with every LoRA option (init, rank/alpha patterns, dropout), mergeable and factorable. It stays the default because
-  the catalogue / contract tests and ``factors()`` / merge / export callers build ``MosaConfig(r=...)`` expecting it.
-* ``"paper"`` (:class:`MosaBottleneck`): the paper's serial bottleneck adapter after the host layer, on its output
-  ``y = base(x)``::
+* ``"paper"`` (the default, :class:`MosaBottleneck`): the paper's serial bottleneck adapter after the host layer, on
+  its output ``y = base(x)``::
 
       contribution = s * W_up act(W_down y),    W_down: (r, d_out) kaiming,  W_up: (d_out, r) zero (identity at init)
       training step:  s * (W_up (.) N_S) act((W_down (.) M_S) y)
 
   split into the same disjoint sparse modules over ``W_down``, ``W_up`` and sampled by the same hook; evaluation runs
-  the complete (merged-modules) adapter. It is non-linear in ``x``: ``mergeable=False``, ``factorable=False`` (the host
-  refuses to merge it), linear layers only; no adapter biases, no dropout, ``init`` must be ``"kaiming"``.
+  the complete (merged-modules) adapter. It is non-linear in ``x``: its capabilities declare ``mergeable=False``,
+  ``factorable=False`` (the host refuses to merge it; LoRA export refuses it), linear layers only; no adapter biases,
+  no dropout, ``init`` must be ``"kaiming"``.
+* ``"parallel"`` (the mergeable variant, :class:`Mosa`): the adapter is a parallel linear bottleneck, i.e. LoRA's
+  ``s B A`` with every LoRA option (init, rank/alpha patterns, dropout), mergeable and factorable, on every layer type
+  LoRA supports. Ask for it to merge MoSA, read ``delta_weight`` / ``factors`` or export it as a plain LoRA.
+
+``method="mosa"`` builds the paper's form. The registry holds :class:`Mosa`, whose class-level capabilities are the
+parallel form's (its layer types are the union of both forms'); read a built adapter's ``capabilities``, never the
+class's. Adapter files written before the ``form`` field existed were trained as the parallel form and load as such
+(:attr:`MosaConfig.FILE_DEFAULTS`).
 
 Hierarchical sparse strategy (``levels``; the abstract only says "a hierarchical sparse strategy to better leverage
 limited training data" and leaves its definition open). Implemented here: nested granularities. Level ``l`` (``0 ..
@@ -39,14 +46,14 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, ClassVar, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import AdapterConfig
-from ..errors import LorakitError, require
+from ..errors import ConfigError, LorakitError, require
 from ..hooks import TrainingHook, training_rule
 from ..hosts.backend import Backend
 from ..hosts.geometry import Geometry
@@ -65,16 +72,23 @@ class MosaConfig(LoraConfig):
         modules: number of non-overlapping sparse modules the adapter is split into.
         seed: seed of the partition of ``A`` and ``B`` into modules.
         active_modules: modules sampled for each training step (:func:`mosa_resample`); all are used in evaluation.
-        form: ``"parallel"`` (mergeable LoRA-shaped update) or ``"paper"`` (serial bottleneck on the layer output).
+        form: ``"paper"`` (default; the paper's serial non-linear bottleneck on the layer output, not mergeable) or
+            ``"parallel"`` (the mergeable LoRA-shaped update, taking every LoRA option).
         activation: the paper form's non-linearity, ``"relu"`` or ``"gelu"``.
         levels: granularities of the hierarchical sparse strategy (1: none); ``modules`` must divide by
             ``2**(levels-1)``.
     """
 
+    #: The accepted values of ``form``.
+    FORMS: ClassVar[tuple[str, ...]] = ("paper", "parallel")
+    #: Values of fields that adapter files written before the field existed omit: such a file was trained as the
+    #: parallel form (the only one then), so it loads as that, not as today's default.
+    FILE_DEFAULTS: ClassVar[Mapping[str, Any]] = {"form": "parallel"}
+
     modules: int = 4
     seed: int = 0
     active_modules: int = 1
-    form: str = "parallel"
+    form: str = "paper"
     activation: str = "relu"
     levels: int = 1
 
@@ -85,16 +99,20 @@ class MosaConfig(LoraConfig):
         require(isinstance(self.seed, int), "seed", self.seed, "must be an integer")
         require(isinstance(self.active_modules, int) and 1 <= self.active_modules <= self.modules, "active_modules",
                 self.active_modules, f"must be an integer in [1, modules={self.modules}]")
-        require(self.form in ("parallel", "paper"), "form", self.form, "must be 'parallel' or 'paper'")
+        require(self.form in self.FORMS, "form", self.form, f"must be one of {self.FORMS}")
         require(self.activation in _ACTIVATIONS, "activation", self.activation,
                 f"must be one of {sorted(_ACTIVATIONS)}")
         require(isinstance(self.levels, int) and self.levels >= 1 and self.modules % 2 ** (self.levels - 1) == 0,
                 "levels", self.levels,
                 f"must be a positive integer with modules={self.modules} divisible by 2**(levels-1)")
         if self.form == "paper":
-            require(self.dropout == 0, "dropout", self.dropout, "is not supported with form='paper'")
-            require(not self.lora_bias, "lora_bias", True, "is not supported with form='paper'")
-            require(self.init == "kaiming", "init", self.init, "must be 'kaiming' with form='paper' (W_up starts at 0)")
+            lora_only = "form='parallel' takes every LoRA option"
+            require(self.dropout == 0, "dropout", self.dropout,
+                    f"is not supported with form='paper' (the default); {lora_only}")
+            require(not self.lora_bias, "lora_bias", True,
+                    f"is not supported with form='paper' (the default); {lora_only}")
+            require(self.init == "kaiming", "init", self.init,
+                    f"must be 'kaiming' with form='paper' (the default; W_up starts at 0); {lora_only}")
 
 
 def partition(shape: torch.Size, modules: int, gen: torch.Generator) -> Tensor:
@@ -113,7 +131,9 @@ def module_masks(active: Tensor | None, first: Tensor, second: Tensor) -> tuple[
 
 @register_method("mosa", MosaConfig)
 class Mosa(Lora):
-    """LoRA whose factors, in a training step after :func:`mosa_resample`, keep only the sampled modules' entries."""
+    """MoSA's parallel form: LoRA whose factors, in a training step after :func:`mosa_resample`, keep only the sampled
+    modules' entries. Registered under ``"mosa"``; building it with ``form='paper'`` (the default) gives a
+    :class:`MosaBottleneck`."""
 
     _masks: tuple[Tensor, Tensor] | None = None  # (mask of A, mask of B) of the sampled modules; None: all modules
 
@@ -170,14 +190,18 @@ class Mosa(Lora):
 
 
 class MosaBottleneck(Adapter):
-    """MoSA's paper form: ``s * W_up act(W_down y)`` on the host output ``y``, its weights split into sparse modules."""
+    """MoSA's paper form (the default): ``s * W_up act(W_down y)`` on the host output ``y``, its weights split into
+    sparse modules."""
 
     capabilities = Capabilities(layers=frozenset({"linear"}), mergeable=False, factorable=False)
     _masks: tuple[Tensor, Tensor] | None = None  # (mask of W_down, mask of W_up) of the sampled modules; None: all
 
     def __init__(self, geometry: Geometry, config: MosaConfig, base: Backend) -> None:
         super().__init__(geometry, config, base)
-        require(geometry.kind == "linear", "form", "paper", f"supports linear layers only, not {geometry.kind!r}")
+        if geometry.kind not in self.capabilities.layers:
+            raise ConfigError(f"method 'mosa' with form='paper' (the default) does not support {geometry.kind} "
+                              f"layers; it supports: {sorted(self.capabilities.layers)} (form='parallel' supports "
+                              f"every layer type LoRA does)")
         r, d = config.r, geometry.d_out
         self.scale = config.scale
         self.act = _ACTIVATIONS[config.activation]
