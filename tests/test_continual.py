@@ -173,7 +173,7 @@ def test_codyra_merges_each_task_and_skips_zero_rank_layers() -> None:
 
     model, tok = tiny_model()
     original = {k: v.clone() for k, v in model.state_dict().items()}
-    learner = LEARNERS.get("codyra")(ADAPTER, FIT, sparse_lambda=0.1)
+    learner = LEARNERS.get("codyra")(ADAPTER, FIT, sparsity=1.2)
     scorer, train, _ = tasks()[0].encoded(tok)
     learner.learn(model, 0, scorer, train)
     assert not any(isinstance(m, HostLayer) for m in model.modules())  # the base architecture, adapters merged
@@ -190,7 +190,7 @@ def test_codyra_merges_each_task_and_skips_zero_rank_layers() -> None:
 
 def test_codyra_without_sparsity_keeps_every_rank() -> None:
     model, tok = tiny_model()
-    learner = LEARNERS.get("codyra")(ADAPTER, FIT, sparse_lambda=0.0)
+    learner = LEARNERS.get("codyra")(ADAPTER, FIT, sparsity=0.0)
     scorer, train, _ = tasks()[0].encoded(tok)
     learner.learn(model, 0, scorer, train)
     assert set(learner.ranks[0].values()) == {ADAPTER.rank}
@@ -198,9 +198,9 @@ def test_codyra_without_sparsity_keeps_every_rank() -> None:
 
 def test_codyra_sparsity_prunes_more_with_larger_lambda() -> None:
     kept = []
-    for lam in (0.0, 0.1, 0.3):
+    for lam in (0.0, 1.1, 1.6):
         model, tok = tiny_model()
-        learner = LEARNERS.get("codyra")(ADAPTER, FIT, sparse_lambda=lam)
+        learner = LEARNERS.get("codyra")(ADAPTER, FIT, sparsity=lam)
         scorer, train, _ = tasks()[0].encoded(tok)
         learner.learn(model, 0, scorer, train)
         kept.append(sum(learner.ranks[0].values()))

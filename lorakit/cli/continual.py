@@ -3,7 +3,7 @@ unlearn some, and report the accuracy matrix (task i after stage j), average acc
 
     lorakit continual                                               # embedded: tweets, shakespeare, dialogue
     lorakit continual --method lae --method-option momentum=0.95
-    lorakit continual --tasks a.jsonl,b.jsonl --method codyra --method-option sparse_lambda=2
+    lorakit continual --tasks a.jsonl,b.jsonl --method codyra --method-option sparsity=1.2
     lorakit continual --method joint --unlearn o3 --forget dialogue  # unlearn a task after learning them all
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ def continual_arguments(parser: argparse.ArgumentParser) -> None:
                              "text and label columns, learned in this order")
     parser.add_argument("--method", default="sequential", choices=LEARNERS.names())
     parser.add_argument("--method-option", dest="method_options", action=KeyValue, default={}, metavar="KEY=VALUE",
-                        help="an option of the method, e.g. momentum=0.95 (lae), sparse_lambda=2 (codyra), "
+                        help="an option of the method, e.g. momentum=0.95 (lae), sparsity=1.2 (codyra), "
                              "top_k=8 (alignguard)")
     parser.add_argument("--unlearn", choices=UNLEARNERS.names(), help="unlearning method for --forget")
     parser.add_argument("--unlearn-option", dest="unlearn_options", action=KeyValue, default={},
