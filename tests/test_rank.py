@@ -253,7 +253,7 @@ def test_increlora_grows_within_budget_without_changing_the_output_and_keeps_mom
                 assert torch.equal(new[: old.shape[0]], old) and not new[old.shape[0]:].any()
             return grown
 
-    hook = Grow(budget=9, grow_every=2, grow_layers=2)
+    hook = Grow(budget=9, grow_every=2, grow_layers=2, advance_learning=False)  # advance: test_increlora_paper
     run(model, HookList([hook]), opt, steps=8, each=lambda s: totals.append(total_rank(model, "default")))
     assert all(t <= 9 for t in totals) and totals[-1] == 9 and totals[0] == 4
     assert outputs_equal and all(outputs_equal)
@@ -395,3 +395,16 @@ def test_finetune_passes_method_options_to_the_config_and_refuses_unknown_ones()
     assert (config.sparse_lambda, config.prune_every, config.r) == (0.5, 3, 4)
     with pytest.raises(DataError, match="no option.*sparse_lambdaa"):
         adapter_config(Options(method="sora", method_options={"sparse_lambdaa": 0.5}))
+
+
+def test_colora_config_for_many_layers_builds_each_at_its_rank() -> None:
+    """SmolLM2 has 210 adapted layers: one regex of all their paths outgrew the pattern length limit."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=12,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    paths = [t.path for t in lorakit.inspect_targets(model, lorakit.LoraConfig(r=2))]
+    assert len(paths) == 84
+    ranks = {p: 1 + i % 3 for i, p in enumerate(paths)}
+    lorakit.adapt(model, allocated_config(lorakit.LoraConfig(r=2), ranks))
+    assert {h.path: h.adapters["default"].a.shape[0] for h in hosts(model)} == ranks

@@ -55,12 +55,17 @@ class AdaLoraConfig(_SvdFormConfig):
 @dataclass(frozen=True)
 class IncreLoraConfig(_SvdFormConfig):
     """Config of an IncreLoRA adapter: every layer starts at ``r``; ranks grow (one per chosen layer, the
-    ``grow_layers`` most important, every ``grow_every`` steps) up to ``target_r`` per layer on average."""
+    ``grow_layers`` most important, every ``grow_every`` steps after the first ``init_warmup`` steps) up to
+    ``target_r`` per layer on average. ``advance_learning`` (the authors' ``advance_learn``, on by default as in
+    their code) keeps one reserve component per layer whose factors train in advance at ``λ = 1e-5``
+    (:mod:`lorakit.rank.increlora`)."""
 
     r: int = 2
     target_r: int = 8
     grow_every: int = 10
     grow_layers: int = 1
+    init_warmup: int = 0
+    advance_learning: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -69,6 +74,10 @@ class IncreLoraConfig(_SvdFormConfig):
         for name in ("grow_every", "grow_layers"):
             require(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, getattr(self, name),
                     "must be an integer >= 1")
+        require(isinstance(self.init_warmup, int) and not isinstance(self.init_warmup, bool) and self.init_warmup >= 0,
+                "init_warmup", self.init_warmup, "must be an integer >= 0 (steps before the first growth)")
+        require(isinstance(self.advance_learning, bool), "advance_learning", self.advance_learning,
+                "must be true or false")
 
 
 @register_method("adalora", AdaLoraConfig)

@@ -68,7 +68,8 @@ def allocated_config(config: LoraConfig, ranks: Mapping[str, int]) -> LoraConfig
     chosen = {path: r for path, r in ranks.items() if r > 0}
     if not chosen:
         raise LorakitError("CoLoRA: every layer got rank 0; raise the budget")
+    ordered = sorted(chosen, key=len, reverse=True)  # a pattern matches names ending with it; the first match wins
     return config.replace(
-        targets="(?:" + "|".join(re.escape(p) for p in chosen) + ")", exclude=(),
-        rank_pattern={re.escape(p): r for p, r in chosen.items()},
+        targets=tuple(ordered), exclude=(),  # whole paths (one regex of them all outgrows the pattern length limit)
+        rank_pattern={re.escape(p): chosen[p] for p in ordered},
     )
