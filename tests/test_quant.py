@@ -330,6 +330,20 @@ def test_int21_error_correction_reduces_the_gap_to_the_full_precision_model():
     assert effective_bits(model) == pytest.approx(2 + 16 / 64 + 16 * adapters / weights)
 
 
+def test_int21_error_leaves_padded_positions_out():
+    """What the model outputs at a padded position cannot matter: changing it leaves the error as it was."""
+    from lorakit.quant.int21 import squared_error
+
+    target = torch.zeros(2, 4, 5)
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    output = torch.ones(2, 4, 5)
+    batch = {"input_ids": torch.zeros(2, 4, dtype=torch.long), "attention_mask": mask}
+    noisy = output.clone()
+    noisy[0, :2] = 100.0  # the left-padded positions of row 0
+    assert float(squared_error(noisy, target, batch)) == pytest.approx(float(squared_error(output, target, batch)))
+    assert float(squared_error(output, target, batch)) == pytest.approx(1.0)  # mean over 6 real positions x 5
+
+
 # --- lorakit finetune --quant -----------------------------------------------------------------------------------
 def test_finetune_cli_trains_an_adapter_on_an_nf4_base(tmp_path, capsys):
     from test_cli import finetune_args, make_model_folder, metrics, sentiment_rows, write_jsonl

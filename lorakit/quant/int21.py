@@ -4,7 +4,7 @@ Every linear layer's base is quantised to 2 bits (EMEF: fine-tuning a quantised 
 adapter is added, and LREC trains the adapter alone to close the gap to the full-precision model on calibration
 inputs:
 
-    min_{A, B}  mean_x || f_fp(x) - f_{Q + sBA}(x) ||^2
+    min_{A, B}  mean_x || f_fp(x) - f_{Q + sBA}(x) ||^2          (over real positions: padding is masked out)
 
 The abstract gives no loss; we assume regression of the model outputs (logits for a language model) against the
 full-precision outputs, which are computed once before quantising (no second model in memory). The 2-bit quantiser
@@ -43,11 +43,21 @@ def _outputs(model: nn.Module, batch: Batch) -> Tensor:
     return out.logits if hasattr(out, "logits") else out
 
 
+def squared_error(output: Tensor, target: Tensor, batch: Batch) -> Tensor:
+    """Mean squared error over the batch's real positions: a padded position (``attention_mask`` 0) has no output to
+    correct, so it is left out."""
+    error = (output.float() - target) ** 2
+    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+    if mask is None or error.dim() != mask.dim() + 1:
+        return error.mean()
+    weight = mask.to(error.dtype).unsqueeze(-1)
+    return (error * weight).sum() / (weight.sum() * error.shape[-1])
+
+
 def calibration_error(model: nn.Module, batches: Sequence[Batch], targets: Sequence[Tensor]) -> float:
-    """Mean squared output error of ``model`` against ``targets`` over ``batches``."""
+    """Mean squared output error of ``model`` against ``targets`` over ``batches`` (real positions only)."""
     with torch.no_grad():
-        return sum(torch.mean((_outputs(model, b).float() - t) ** 2).item() for b, t in zip(batches, targets)) \
-            / len(targets)
+        return sum(squared_error(_outputs(model, b), t, b).item() for b, t in zip(batches, targets)) / len(targets)
 
 
 def int21(model: nn.Module, config: LoraConfig, calibration: Sequence[Batch], name: str = "default", *,
@@ -67,7 +77,7 @@ def int21(model: nn.Module, config: LoraConfig, calibration: Sequence[Batch], na
     losses = []
     for step in range(steps):
         batch, target = calibration[step % len(calibration)], targets[step % len(calibration)]
-        loss = torch.mean((_outputs(model, batch).float() - target) ** 2)
+        loss = squared_error(_outputs(model, batch), target, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
