@@ -9,6 +9,7 @@ accuracy on the forgotten task (chance is 1/labels) and the share of the others'
 
     python benchmarks/continual.py                        # ~60-90 minutes on 2 CPU cores
     python benchmarks/continual.py --methods sequential,lae --unlearn ""     # a subset
+    python benchmarks/continual.py --methods codyra --unlearn "" --option codyra:sparsity=0.6
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ def learner_row(name: str, args: argparse.Namespace, tasks: list, adapter: Adapt
                       for i in range(0, len(first_held), 30)]
         first_loss.append(sum(losses) / len(losses))
 
-    learner = LEARNERS.get(name)(adapter, settings)
+    learner = LEARNERS.get(name)(adapter, settings, **args.options.get(name, {}))
     started = time.perf_counter()
     model, matrix = run_sequence(model, tok, tasks, learner, max_length=args.max_length, after_stage=measure)
     row = {"kind": "learn", "method": name, **matrix.to_dict(), "first_task_loss": first_loss,
@@ -63,7 +64,7 @@ def unlearn_rows(model: torch.nn.Module, learner: object, args: argparse.Namespa
     for variant in [v for v in args.unlearn.split(",") if v]:
         base = variant.split("-ungated")[0]
         kind = adapter if base == "o3" else AdapterSettings(adapter.rank, adapter.alpha, FFN_TARGETS)
-        unlearner = UNLEARNERS.get(base)(kind, settings, **UNLEARN_VARIANTS[variant])
+        unlearner = UNLEARNERS.get(base)(kind, settings, **UNLEARN_VARIANTS[variant], **args.options.get(base, {}))
         work = copy.deepcopy(merged)
         retained = [(s, tr) for i, (s, tr, _) in enumerate(encoded) if i != index]
         started = time.perf_counter()
@@ -90,7 +91,16 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=96)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default="continual-benchmark.jsonl")
+    parser.add_argument("--option", action="append", default=[], metavar="METHOD:KEY=VALUE",
+                        help="an option of one method, e.g. codyra:sparsity=0.6 (value read as JSON)")
     args = parser.parse_args()
+    args.options = {}
+    for text in args.option:
+        method, _, pair = text.partition(":")
+        key, _, value = pair.partition("=")
+        if not (method and key and value):
+            parser.error(f"--option {text!r}: write METHOD:KEY=VALUE")
+        args.options.setdefault(method, {})[key] = json.loads(value)
     tasks = load_tasks(["tweets", "shakespeare", "dialogue"], args.train_size, args.eval_size, args.seed)
     adapter = AdapterSettings(rank=8, alpha=16, targets=("q_proj", "v_proj"))
     settings = FitSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
