@@ -84,7 +84,7 @@ class Codyra(Learner):
     name = "codyra"
 
     def __init__(self, adapter: AdapterSettings = DEFAULT_ADAPTER, settings: FitSettings = DEFAULT_FIT,
-                 sparsity: float = 1.2, gate_lr: float = 0.05) -> None:
+                 sparsity: float = 1.0, gate_lr: float = 0.05) -> None:
         super().__init__(adapter, settings)
         ProximalGates("check", gate_lr, sparsity, settings.steps)  # validates them
         self.sparsity, self.gate_lr = sparsity, gate_lr
