@@ -209,11 +209,16 @@ def active_adapters(model: nn.Module) -> list[str]:
     return list(seen)
 
 
+def _switchable(model: nn.Module) -> list[HostLayer | SavedModule]:
+    """Host layers and modules to save, in one pass over the model (``route`` / ``mix`` call this every batch)."""
+    return [m for m in model.modules() if isinstance(m, (HostLayer, SavedModule))]
+
+
 class _Switch(contextlib.AbstractContextManager):
     """Applies a change now; used as a context manager, restores the previous state on exit."""
 
     def __init__(self, model: nn.Module, disabled: bool) -> None:
-        self._previous = [(h, h.disabled) for h in (*hosts(model), *saved_modules(model))]
+        self._previous = [(h, h.disabled) for h in _switchable(model)]
         for host, _ in self._previous:
             host.disabled = disabled
 
@@ -285,7 +290,7 @@ def using(model: nn.Module, routing: R) -> Iterator[R]:
     """Within the block, every host layer of ``model`` delegates its forward to the strategy ``routing`` (see
     :mod:`lorakit.routing.strategy`), and every module to save picks its copy by it; the previous strategies come back
     afterwards."""
-    layers: list[HostLayer | SavedModule] = [*hosts(model), *saved_modules(model)]
+    layers = _switchable(model)
     previous = [h.routing for h in layers]
     for host in layers:
         host.routing = routing

@@ -23,11 +23,12 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import torch
 from torch import Tensor, nn
 
 from ..errors import require
 from ..hooks import TrainingHook
-from ..hosts.host import hosts
+from ..hosts.host import adapters_named
 from ..inject import inspect_targets, unload
 from ..train.tasks import ClassificationTask, Example
 from .fisher import Directions, kfac_factors, top_directions
@@ -67,23 +68,19 @@ class AlignGuardPenalty(TrainingHook):
 
     def terms(self, model: nn.Module) -> dict[str, Tensor]:
         """The three terms, unweighted (summed over layers and protected sets)."""
-        zero = next(iter(p for h in hosts(model) for p in h.adapters[self.name].parameters()
-                         if self.name in h.adapters)).new_zeros(())
-        fisher, task, collision = zero, zero, zero
-        for host in hosts(model):
-            if self.name not in host.adapters:
-                continue
-            b, a = update_of(host.adapters[self.name], host)
+        terms: dict[str, list[Tensor]] = {"fisher": [], "task": [], "collision": []}
+        for host, adapter in adapters_named(model, self.name):
+            b, a = update_of(adapter, host)
             for group in self.directions:
                 if host.path not in group:
                     continue
                 d = group[host.path]
                 m, critical, rest = split_update(d, b, a)
-                fisher = fisher + (d.weights().to(m) * m.square()).sum() / self.norm
-                task = task + rest.square().sum()
+                terms["fisher"].append((d.weights().to(m) * m.square()).sum() / self.norm)
+                terms["task"].append(rest.square().sum())
                 scale = critical.norm() * rest.norm() + 1e-12
-                collision = collision + (critical.abs() * rest.abs()).sum() / scale
-        return {"fisher": fisher, "task": task, "collision": collision}
+                terms["collision"].append((critical.abs() * rest.abs()).sum() / scale)
+        return {k: torch.stack(v).sum() if v else torch.zeros(()) for k, v in terms.items()}
 
     def regulariser(self, model: nn.Module) -> Tensor:
         terms = self.terms(model)

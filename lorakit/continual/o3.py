@@ -239,8 +239,8 @@ class O3(Unlearner):
         rows = batch["input_ids"].shape[0]
         if not self.gate:
             return torch.ones(rows, len(self.names))
-        features = hidden_features(model, batch, sorted({i for d in self.detectors for i in d.layers}), self.pooling)
-        by_layer = dict(zip(sorted({i for d in self.detectors for i in d.layers}), features))
+        layers = sorted({i for d in self.detectors for i in d.layers})
+        by_layer = dict(zip(layers, hidden_features(model, batch, layers, self.pooling)))
         return torch.stack([d.weight([by_layer[i] for i in d.layers]) for d in self.detectors], dim=1)
 
     def predict(self, model: nn.Module, scorer: ClassificationTask, batch: Batch) -> Tensor:
