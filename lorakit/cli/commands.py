@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 import torch
 
 from ..analysis.refusal import PROMPTS, refusal_rate
 from ..inject import inspect_targets
 from ..io.adapter_files import load_adapter
+from ..train.device import base_dtype, resolve_device
 from ..train.jobs import finetune_jobs
 from ..train.model import load_model
 from ..train.run import adapter_config, evaluate_adapter, finetune
@@ -48,9 +50,15 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_for(args: argparse.Namespace) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` of ``--model`` on ``--device`` in the dtype ``--bf16`` / the device implies."""
+    device = resolve_device(args.device)
+    return load_model(args.model, base_dtype(device, args.bf16), device=device)
+
+
 def run_refusal(args: argparse.Namespace) -> int:
     """``lorakit eval --refusal``: how often the model refuses the prompt set, before and after the adapter."""
-    model, tokenizer = load_model(args.model, torch.bfloat16 if args.bf16 else torch.float32)
+    model, tokenizer = load_for(args)
     base = refusal_rate(model, tokenizer)
     print(f"base refusal rate: {base.rate:.0%} of {len(base.refused)} prompts")
     if args.adapter:
@@ -76,14 +84,14 @@ def generate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    model, tokenizer = load_model(args.model, torch.bfloat16 if args.bf16 else torch.float32)
+    model, tokenizer = load_for(args)
     if args.adapter:
         load_adapter(model, args.adapter, dtype=torch.float32)
     text = args.prompt
     if not args.no_chat and getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                              add_generation_prompt=True)
-    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=args.no_chat)
+    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=args.no_chat).to(model.device)
     torch.manual_seed(args.seed)
     sample = args.temperature > 0
     out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=sample,
@@ -102,7 +110,7 @@ def inspect_arguments(parser: argparse.ArgumentParser) -> None:
 def run_inspect(args: argparse.Namespace) -> int:
     if any(getattr(args, flag) for flag in ("spectrum", "compare", "intruders", "base", "plot")):
         return run_analysis(args)
-    model, _ = load_model(args.model, torch.bfloat16 if args.bf16 else torch.float32, meta=True)
+    model, _ = load_model(args.model, torch.bfloat16 if args.bf16 else torch.float32, meta=True)  # shapes only
     rows = inspect_targets(model, adapter_config(options_from(args)))
     width = max(len(r.path) for r in rows)
     print(f"{'module':<{width}}  {'layer':<10} {'shape':<14} {'trainable':>10}")

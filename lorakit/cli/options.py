@@ -21,7 +21,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model", help="transformers model folder or .gguf file (default: the embedded "
                                        "SmolLM2-135M-Instruct)")
-    group.add_argument("--bf16", action="store_true", help="load the base model in bfloat16 (adapters stay float32)")
+    group.add_argument("--device", default=_DEFAULTS.device,
+                       help="auto (default: the GPU when there is one, under torchrun this process's), cpu, cuda, "
+                            "cuda:<index> or mps")
+    group.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                       help="load the base model in bfloat16 (adapters stay float32); default: on a GPU with fast "
+                            "bf16, float32 elsewhere")
     group.add_argument("--quant", help="quantise the frozen base's linear layers: nf4 (QLoRA), fp4 (bitsandbytes), "
                                        "nf2/nf3/int2..int8 (--quant-backend lorakit)")
     group.add_argument("--quant-backend", default=_DEFAULTS.quant_backend,

@@ -13,9 +13,8 @@ import os
 import socket
 from pathlib import Path
 
-import torch
-
 from ..errors import LorakitError
+from ..train.device import base_dtype, resolve_device
 from ..train.model import load_model, resolve_model
 from .engine import Engine
 from .mixtures import WithMixtures, load_served_mixture
@@ -24,8 +23,10 @@ from .mixtures import WithMixtures, load_served_mixture
 def serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="transformers model folder or .gguf file (default: the embedded "
                                         "SmolLM2-135M-Instruct)")
-    parser.add_argument("--bf16", action="store_true", help="load the base model in bfloat16")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="auto", help="auto (default: the GPU when there is one), cpu, cuda, "
+                                                         "cuda:<index> or mps")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                        help="load the base model in bfloat16; default: on a GPU with fast bf16, float32 elsewhere")
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                         help="register an adapter folder (PEFT or lorakit format) under NAME; repeatable")
     parser.add_argument("--mixture", action="append", default=[], metavar="NAME=PATH",
@@ -64,8 +65,8 @@ def run_serve(args: argparse.Namespace) -> int:
     from ..pool import AdapterPool
     from .server import create_app
 
-    model, tokenizer = load_model(args.model, torch.bfloat16 if args.bf16 else torch.float32)
-    model.to(args.device)
+    device = resolve_device(args.device)
+    model, tokenizer = load_model(args.model, base_dtype(device, args.bf16), device=device)
     pool = AdapterPool(model, capacity=args.max_resident, max_registered=args.max_registered)
     for name, path in parse_adapter_specs(args.adapter):
         pool.register(name, path)

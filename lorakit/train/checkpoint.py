@@ -31,7 +31,8 @@ RUN_FILE, METRICS_FILE, TRAINER_FILE, STATE_FILE = "run.json", "metrics.jsonl", 
 KEEP = 2
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 # Settings that may differ between a run and its resumption (everything else must match).
-RESUMABLE_CHANGES = frozenset({"output", "resume", "overwrite", "save_every", "world_size"})
+# A run resumes on another device (a CPU checkpoint on a GPU and back): the tensors are saved on the host.
+RESUMABLE_CHANGES = frozenset({"output", "resume", "overwrite", "save_every", "world_size", "device"})
 
 
 def checkpoints(output: Path) -> list[Path]:
@@ -105,6 +106,8 @@ def save_checkpoint(output: Path, model: nn.Module, optimizer: torch.optim.Optim
         else:  # resumable only (a mixture; a base re-initialised from data by the run before loading these)
             write_safetensors(tmp / WEIGHTS_FILE, trained_state(model), {"format": "pt"})
         rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            rng["cuda"] = torch.cuda.get_rng_state()
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng,
                     "hooks": hooks_state or {}}, tmp / TRAINER_FILE)
         fsync_path(tmp / TRAINER_FILE)
@@ -127,7 +130,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
 
     Hooks are restored first: one that changed ranks reshapes the adapter before its tensors are copied in.
     """
-    trainer = torch.load(path / TRAINER_FILE, weights_only=True)
+    trainer = torch.load(path / TRAINER_FILE, weights_only=True, map_location="cpu")
     if hooks is not None:
         hooks.load_state_dict(trainer.get("hooks", {}), model)
     saved, _ = read_safetensors(path / weights_file(model))
@@ -144,6 +147,8 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     scheduler.load_state_dict(trainer["scheduler"])
     if restore_rng:
         torch.set_rng_state(trainer["rng"]["torch"])
+        if "cuda" in trainer["rng"] and torch.cuda.is_available():  # a run resumed on a GPU without one starts anew
+            torch.cuda.set_rng_state(trainer["rng"]["cuda"])
         random.setstate(_as_tuples(trainer["rng"]["python"]))
     return read_json(path / STATE_FILE)
 

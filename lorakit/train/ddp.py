@@ -2,7 +2,8 @@
 all-reduce per step sums the adapter gradients (and the step's loss and token counts) across processes.
 
 Only adapter gradients travel; the frozen base never does. Started by ``torchrun`` (which sets ``WORLD_SIZE``,
-``RANK``, ``MASTER_ADDR``, ``MASTER_PORT``); gloo on CPU, NCCL when every process has a GPU.
+``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``); gloo on CPU, NCCL when the run's device is a GPU (one
+process per GPU: ``--device auto`` is ``cuda:$LOCAL_RANK``).
 """
 from __future__ import annotations
 
@@ -46,9 +47,15 @@ class World:
                                 f"({self.size}); it is the global micro-batch, split evenly across processes")
 
     def all_reduce(self, flat: Tensor) -> Tensor:
-        """Sum ``flat`` over all processes in place (a no-op in a single process)."""
+        """Sum ``flat`` over all processes in place (a no-op in a single process); NCCL reduces a host tensor
+        through this process's GPU."""
         if self.distributed:
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            if dist.get_backend() == "nccl" and not flat.is_cuda:
+                on_gpu = flat.to(f"cuda:{torch.cuda.current_device()}")
+                dist.all_reduce(on_gpu, op=dist.ReduceOp.SUM)
+                flat.copy_(on_gpu)
+            else:
+                dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         return flat
 
     def broadcast(self, tensors: Sequence[Tensor]) -> None:
@@ -66,14 +73,16 @@ class World:
 SINGLE = World()  # a process on its own
 
 
-def init_world() -> World:
-    """Join the process group that ``torchrun`` describes in the environment (a single process otherwise)."""
+def init_world(device: torch.device | None = None) -> World:
+    """Join the process group that ``torchrun`` describes in the environment (a single process otherwise): NCCL
+    when ``device`` is a GPU (made this process's current one), gloo otherwise."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size == 1:
         return World()
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= size else "gloo"
-        dist.init_process_group(backend)
+        if device is not None and device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device is not None and device.type == "cuda" else "gloo")
     return World(dist.get_rank(), dist.get_world_size())
 
 
@@ -91,7 +100,9 @@ def sync_gradients(world: World, params: Sequence[Tensor], extras: Sequence[floa
         return list(extras)
     params = [p for p in params if p.requires_grad]  # frozen for now (LISA): no gradient, no optimizer state
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1).float() for g in grads] + [torch.tensor(extras, dtype=torch.float32)])
+    device = grads[0].device if grads else torch.device("cpu")
+    flat = torch.cat([g.reshape(-1).float() for g in grads] + [torch.tensor(extras, dtype=torch.float32,
+                                                                            device=device)])
     world.all_reduce(flat)
     offset = 0
     for p, g in zip(params, grads):

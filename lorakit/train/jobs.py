@@ -7,11 +7,12 @@ accepted too), for example::
     [{"name": "a", "data": "a.jsonl", "rank": 8, "lr": 1e-3, "steps": 20},
      {"name": "b", "data": "b.jsonl", "task": "classification", "method": "dora", "steps": 40, "seed": 1}]
 
-Options given on the command line are every job's defaults. All jobs share one base model, so ``model``, ``bf16``,
-``quant`` and ``quant_backend`` must agree; a job's ``output`` defaults to ``<--output>/<name>``; relative paths are
-relative to the working directory, as on the command line. Each job's folder ends up as a solo run's would
-(``run.json``, ``metrics.jsonl``, before/after evaluation, the adapter in PEFT's format, ``loss.png``), and its
-adapter equals what ``lorakit finetune`` with the same options trains (see :mod:`lorakit.train.multijob`).
+Options given on the command line are every job's defaults. All jobs share one base model, so ``model``,
+``device``, ``bf16``, ``quant`` and ``quant_backend`` must agree; a job's ``output`` defaults to
+``<--output>/<name>``; relative paths are relative to the working directory, as on the command line. Each job's
+folder ends up as a solo run's would (``run.json``, ``metrics.jsonl``, before/after evaluation, the adapter in
+PEFT's format, ``loss.png``), and its adapter equals what ``lorakit finetune`` with the same options trains (see
+:mod:`lorakit.train.multijob`).
 """
 from __future__ import annotations
 
@@ -23,14 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
-
 from ..config import AdapterConfig
 from ..errors import LorakitError
 from ..hooks import training_hooks
 from ..inject import disable, set_active
 from ..quant.model import quantize
 from .checkpoint import METRICS_FILE, MetricsLog, prepare_output, start_run
+from .device import base_dtype, resolve_device
 from .errors import DataError, TrainingError
 from .evaluate import evaluate
 from .mixture import MIXTURES
@@ -51,7 +51,7 @@ from .run import (
 )
 from .warm_start import initialize_from_task, needs_data, save_trained
 
-SHARED = ("model", "bf16", "quant", "quant_backend")  # one base model for every job
+SHARED = ("model", "device", "bf16", "quant", "quant_backend")  # one base model for every job
 DEFAULTS = Options()
 UNSUPPORTED = {"resume": "resuming", "save_every": "checkpoints during training"}
 KEYS = ("name", *(f.name for f in dataclasses.fields(Options) if f.name not in UNSUPPORTED))
@@ -151,7 +151,8 @@ def finetune_jobs(path: str | Path, defaults: Options = DEFAULTS,
         prepare_output(spec.output, _settings(spec, Path(path)), resume=False, overwrite=spec.options.overwrite)
     records = [records_of(spec.options) for spec in specs]  # bad data fails before the model loads
     first = specs[0].options
-    model, tokenizer = load_model(first.model, torch.bfloat16 if first.bf16 else torch.float32)
+    device = resolve_device(first.device)
+    model, tokenizer = load_model(first.model, base_dtype(device, first.bf16), device=device)
     if first.quant is not None:
         quantize(model, first.quant, first.quant_backend)
     jobs: list[Job] = []

@@ -35,8 +35,10 @@ def load_tokenizer(folder: Path) -> Any:
     return tokenizer
 
 
-def load_model(model: str | None, dtype: torch.dtype = torch.float32, *, meta: bool = False) -> tuple[nn.Module, Any]:
-    """``(model, tokenizer)`` in eval mode; ``meta=True`` builds the architecture without reading weights."""
+def load_model(model: str | None, dtype: torch.dtype = torch.float32, *, meta: bool = False,
+               device: torch.device | str | None = None) -> tuple[nn.Module, Any]:
+    """``(model, tokenizer)`` in eval mode, on ``device`` (default: the CPU); ``meta=True`` builds the architecture
+    without reading weights."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = resolve_model(model)
@@ -47,4 +49,6 @@ def load_model(model: str | None, dtype: torch.dtype = torch.float32, *, meta: b
             net = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=dtype)
     else:
         net = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    if device is not None and not meta:
+        net.to(device)
     return net.eval(), load_tokenizer(folder)

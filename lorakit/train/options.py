@@ -18,6 +18,7 @@ from ..init import INITS
 from ..methods.base import METHODS
 from ..optim import OPTIMIZERS
 from ..quant.model import DEFAULT_BACKEND
+from .device import check_device_spec
 from .errors import DataError
 from .mixture import MIXTURES, check_mixture_options
 from .tasks import TASKS
@@ -50,7 +51,8 @@ class Options:
     lr: float = 1e-3
     batch_size: int = 8
     grad_accum: int = 1
-    bf16: bool = False
+    device: str = "auto"  # auto | cpu | cuda | cuda:<i> | mps (lorakit.train.device)
+    bf16: bool | None = None  # the base model in bfloat16; None: on a GPU with fast bf16, float32 elsewhere
     quant: str | None = None  # quantise the base's linear layers (lorakit.quantize scheme), e.g. "nf4"
     quant_backend: str = DEFAULT_BACKEND
     seed: int = 0
@@ -85,6 +87,7 @@ class Options:
                 raise DataError(f"{_flag(name)} must be > 0, got {getattr(self, name)}")
         if self.save_every < 0:
             raise DataError(f"--save-every must be >= 0, got {self.save_every}")
+        check_device_spec(self.device)
         if self.task is not None and self.task not in TASKS:
             raise DataError(f"--task {self.task!r} is unknown; tasks: {', '.join(TASKS)}")
         for name, known in (("method", [*METHODS.names(), FULL, *MIXTURES]), ("optimizer", OPTIMIZERS.names()),

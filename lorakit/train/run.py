@@ -28,6 +28,7 @@ from . import default
 from .checkpoint import METRICS_FILE, MetricsLog, prepare_output, start_run
 from .data import Record, read_records, split
 from .ddp import World, close_world, init_world
+from .device import base_dtype, resolve_device
 from .errors import DataError
 from .evaluate import describe, evaluate, majority_rate
 from .loop import Callback, TrainConfig, Trainer
@@ -107,9 +108,11 @@ def quantize_first(opts: Options) -> bool:
 
 
 def prepare(opts: Options) -> Prepared:
-    """Load the model and tokenizer, read and tokenize the data, and split off the held-out examples."""
+    """Load the model and tokenizer onto ``--device`` (before adapting: adapters are made where the weights are),
+    read and tokenize the data, and split off the held-out examples."""
     records = records_of(opts)
-    model, tokenizer = load_model(opts.model, torch.bfloat16 if opts.bf16 else torch.float32)
+    device = resolve_device(opts.device)
+    model, tokenizer = load_model(opts.model, base_dtype(device, opts.bf16), device=device)
     if quantize_first(opts):
         quantize(model, opts.quant, opts.quant_backend)
     return Prepared(model, *prepare_data(opts, tokenizer, records))
@@ -161,7 +164,7 @@ def finetune(opts: Options, callbacks: Sequence[Callback] = (), hooks: Sequence[
     ``callbacks`` observe each finished step; ``hooks`` change ranks, layers or update rules (see ``train.hooks``).
     """
     started = time.perf_counter()
-    world = init_world()
+    world = init_world(resolve_device(opts.device))
     try:
         return _finetune(opts, world, started, callbacks, hooks)
     finally:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .data import Record, require_column
+from .device import model_device, on_device
 from .errors import DataError
 
 IGNORE = -100
@@ -105,7 +106,8 @@ class Task:
         return batch
 
     def loss_sums(self, model: nn.Module, batch: dict[str, Tensor]) -> Sums:
-        """Token-level next-token cross-entropy, summed over the labelled tokens."""
+        """Token-level next-token cross-entropy, summed over the labelled tokens (on the model's device)."""
+        batch = on_device(batch, model_device(model))
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        position_ids=batch["position_ids"]).logits[:, :-1]  # (B, T-1, V)
         targets = batch["labels"][:, 1:]
@@ -222,7 +224,8 @@ class ClassificationTask(Task):
         return Example(list(ids)[-self.max_length:], label=self.labels.index(label))
 
     def label_logits(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-        """Logits of the label tokens at the last position: ``(B, n_labels)``."""
+        """Logits of the label tokens at the last position: ``(B, n_labels)`` (on the model's device)."""
+        batch = on_device(batch, model_device(model))
         extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        position_ids=batch["position_ids"], **extra).logits[:, -1]  # (B, V)
