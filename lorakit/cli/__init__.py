@@ -9,7 +9,8 @@
     lorakit compress --rank-ratio 0.4 --method activation --output smollm2-lord/
     lorakit federate --clients 8 --rounds 10 --aggregator fed-sb --partition dirichlet:0.3
     lorakit continual --method lae                    # tweets, shakespeare, dialogue in sequence: accuracy matrix
-    torchrun --nproc-per-node 2 -m lorakit finetune ...
+    torchrun --nproc-per-node 2 -m lorakit finetune ...           # data parallel (gloo on CPU, NCCL on GPUs)
+    torchrun --nproc-per-node 8 -m lorakit finetune --fsdp ...    # the frozen base sharded (FSDP2)
 """
 from __future__ import annotations
 

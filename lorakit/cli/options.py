@@ -99,6 +99,9 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--output", help="run folder (default runs/finetune-<time>)")
     group.add_argument("--save-every", type=int, default=_DEFAULTS.save_every,
                        help="checkpoint every N steps (0: only on Ctrl-C)")
+    group.add_argument("--fsdp", action="store_true",
+                       help="under torchrun: shard the frozen base over the processes (FSDP2) for bases that do not "
+                            "fit one device; the adapter is replicated, as in data parallelism")
     group.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
     group.add_argument("--overwrite", action="store_true", help="replace the run in --output")
 

@@ -26,6 +26,7 @@ class World:
 
     rank: int = 0
     size: int = 1
+    lockstep: bool = False  # every process must run the same forwards (a sharded base: lorakit.train.fsdp)
 
     @property
     def main(self) -> bool:

@@ -20,19 +20,23 @@ def evaluate(model: nn.Module, task: Task, examples: Sequence[Example], batch_si
              world: World = SINGLE, desc: str = "eval") -> dict[str, float]:
     """Metrics of ``model`` on ``examples``, shared over processes (each evaluates every ``world.size``-th one).
 
-    Examples are batched by length to waste little on padding.
+    Examples are batched by length to waste little on padding. In lockstep (a sharded base) a process with fewer
+    batches than the others runs its first batch again, uncounted, so every process runs the same forwards.
     """
     was_training = model.training
     model.eval()
     mine = sorted(examples[world.rank::world.size], key=lambda e: len(e.input_ids))
+    batches = [mine[first:first + batch_size] for first in range(0, len(mine), batch_size)]
+    share = math.ceil(len(examples) / world.size)  # the largest process's examples
+    most = math.ceil(share / batch_size) if world.lockstep else len(batches)
     totals = torch.zeros(4, dtype=torch.float64)  # loss sum, loss terms, correct, examples
-    for first in tqdm(range(0, len(mine), batch_size), desc=desc, unit="batch", leave=False,
-                      disable=not world.main):
-        chunk = mine[first:first + batch_size]
+    for i in tqdm(range(most), desc=desc, unit="batch", leave=False, disable=not world.main):
+        chunk = batches[i] if i < len(batches) else list(examples[:1])  # lockstep filler
         with explain_out_of_memory(f"while evaluating with --eval-batch-size {batch_size}: reduce "
                                    f"--eval-batch-size or --max-length"):
             sums = task.loss_sums(model, task.collate(chunk))
-        totals += torch.tensor([sums.loss.item(), sums.count, sums.correct, len(chunk)], dtype=torch.float64)
+        if i < len(batches):
+            totals += torch.tensor([sums.loss.item(), sums.count, sums.correct, len(chunk)], dtype=torch.float64)
     world.all_reduce(totals)
     model.train(was_training)
     loss_sum, count, correct, n = totals.tolist()

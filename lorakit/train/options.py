@@ -53,6 +53,7 @@ class Options:
     grad_accum: int = 1
     device: str = "auto"  # auto | cpu | cuda | cuda:<i> | mps (lorakit.train.device)
     bf16: bool | None = None  # the base model in bfloat16; None: on a GPU with fast bf16, float32 elsewhere
+    fsdp: bool = False  # shard the frozen base over the processes (FSDP2, lorakit.train.fsdp)
     quant: str | None = None  # quantise the base's linear layers (lorakit.quantize scheme), e.g. "nf4"
     quant_backend: str = DEFAULT_BACKEND
     seed: int = 0
@@ -102,6 +103,10 @@ class Options:
                 raise DataError(f"--method full trains every weight of the model, so {', '.join(given)} cannot "
                                 f"apply (they configure an adapter or a frozen quantised base)")
 
+        if self.fsdp and (self.method in (FULL, *MIXTURES) or self.quant is not None):
+            given = f"--method {self.method}" if self.method in (FULL, *MIXTURES) else f"--quant {self.quant}"
+            raise DataError(f"--fsdp shards a frozen full-precision base under a trained adapter; {given} is not "
+                            f"supported with it (use data parallelism: torchrun without --fsdp)")
         if self.method in MIXTURES:
             check_mixture_options(self.method, self.method_options, self.experts)
         elif self.experts:

@@ -17,8 +17,9 @@ from torch import nn
 
 from ..config import ALL_LINEAR
 from ..hooks import TrainingHook, training_hooks
+from ..hosts.host import hosts
 from ..init import INITS
-from ..inject import adapt
+from ..inject import adapt, disable
 from ..io.adapter_files import adapter_tensors, load_adapter
 from ..methods.base import METHODS, build_config
 from ..optim.lisa import LISA
@@ -31,6 +32,7 @@ from .ddp import World, close_world, init_world
 from .device import base_dtype, resolve_device
 from .errors import DataError
 from .evaluate import describe, evaluate, majority_rate
+from .fsdp import shard_frozen_base
 from .loop import Callback, TrainConfig, Trainer
 from .mixture import MIXTURES, build_mixture, load_run_mixture, mixture_hooks
 from .model import load_model
@@ -108,11 +110,12 @@ def quantize_first(opts: Options) -> bool:
 
 
 def prepare(opts: Options) -> Prepared:
-    """Load the model and tokenizer onto ``--device`` (before adapting: adapters are made where the weights are),
-    read and tokenize the data, and split off the held-out examples."""
+    """Load the model and tokenizer onto ``--device`` (before adapting: adapters are made where the weights are;
+    with ``--fsdp`` into host memory, sharded onto the device later), read and tokenize the data, and split off the
+    held-out examples."""
     records = records_of(opts)
     device = resolve_device(opts.device)
-    model, tokenizer = load_model(opts.model, base_dtype(device, opts.bf16), device=device)
+    model, tokenizer = load_model(opts.model, base_dtype(device, opts.bf16), device=None if opts.fsdp else device)
     if quantize_first(opts):
         quantize(model, opts.quant, opts.quant_backend)
     return Prepared(model, *prepare_data(opts, tokenizer, records))
@@ -185,7 +188,7 @@ def _finetune(opts: Options, world: World, started: float, callbacks: Sequence[C
         find_targets(prepared.model, adapter)
     # measured before adapting: initialisers such as PiSSA or LoRA-GA rewrite the base weights
     before = _logged_before(output) if checkpoint is not None else None
-    if before is None:
+    if before is None and not opts.fsdp:
         before = evaluate(prepared.model, prepared.task, prepared.held_out, opts.eval_batch_size, world,
                           "eval before")
     if mixture:
@@ -196,6 +199,13 @@ def _finetune(opts: Options, world: World, started: float, callbacks: Sequence[C
         prepared.model.requires_grad_(True)  # every weight trains; all processes loaded the same ones
     else:
         _adapt(prepared, adapter, opts, world)
+    if opts.fsdp:  # the base model is measured sharded, with the adapter off (whole, it sits in host memory)
+        world = dataclasses.replace(world, lockstep=True)
+        _shard(prepared, opts, world)
+        if before is None:
+            with disable(prepared.model):
+                before = evaluate(prepared.model, prepared.task, prepared.held_out, opts.eval_batch_size, world,
+                                  "eval before")
     torch.manual_seed(opts.seed + world.rank)  # random ops in training (dropout) differ per process
     if world.main:
         start_run(output, settings, fresh=checkpoint is None)
@@ -233,6 +243,21 @@ def _adapt(prepared: Prepared, adapter: Any, opts: Options, world: World) -> Non
     if opts.quant is not None and not quantize_first(opts):
         quantize(prepared.model, opts.quant, opts.quant_backend)
     world.broadcast(list(adapter_tensors(prepared.model, "default").values()))
+
+
+def _shard(prepared: Prepared, opts: Options, world: World) -> None:
+    """``--fsdp``: shard the frozen base over the processes (:mod:`.fsdp`), refusing a base an initialiser
+    rewrote (the base model's metrics are measured with the adapter off)."""
+    if not world.distributed:
+        raise DataError("--fsdp shards the base over the processes torchrun starts (torchrun --nproc-per-node N -m "
+                        "lorakit finetune --fsdp ...); in one process drop --fsdp")
+    if any(getattr(a, "rewrites_base", False) for host in hosts(prepared.model) for a in host.adapters.values()):
+        raise DataError(f"--fsdp: --init {opts.init} rewrote the base weights, so the base model can no longer be "
+                        f"measured before training; drop --fsdp or use an initialiser that keeps the base")
+    held, total = shard_frozen_base(prepared.model, world, resolve_device(opts.device))
+    if world.main:
+        print(f"fsdp: frozen base sharded over {world.size} processes; each holds {held:,} of its {total:,} "
+              f"weights")
 
 
 def _logged_before(output: Path) -> dict[str, Any] | None:
