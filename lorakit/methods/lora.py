@@ -209,7 +209,9 @@ class Lora(RewritesBase, Adapter):
         return self.lora_out(x).to(base_out.dtype)
 
     def fused_usable(self, x: Tensor, base: Backend) -> bool:
-        """The fused kernel applies: dense linear base, no active dropout, no lora_bias, one dtype.
+        """The fused kernel applies: dense linear base, no active dropout, no lora_bias, the input in the base's
+        dtype, and the factors in it too, except on an accelerator, where float32 factors on a bf16/fp16 base run
+        in the base's dtype (mixed precision: on a CPU without fast bf16 the float32 path is both faster and exact).
 
         Not on a quantised base: the kernel would keep the dequantised weight alive for backward (QLoRA's memory).
         """
@@ -221,7 +223,8 @@ class Lora(RewritesBase, Adapter):
             and (self.config.dropout == 0 or not self.training)
             and self.b_bias is None
             and not w.requires_grad
-            and x.dtype == w.dtype == self.a.dtype
+            and x.dtype == w.dtype
+            and (self.a.dtype == w.dtype or x.device.type != "cpu")
         )
 
     def fused_forward(self, x: Tensor, base: Backend) -> Tensor | None:
