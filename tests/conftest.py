@@ -1,10 +1,17 @@
+import os
 import random
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 import torch
-from test_cli import FILLER, make_model_folder, write_jsonl
+
+# Without a GPU the Triton kernels (lorakit.kernels.grouped) run under Triton's interpreter in the tests; triton reads
+# TRITON_INTERPRET when it decorates them, so it is set here, before any test module imports lorakit.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from test_cli import FILLER, make_model_folder, write_jsonl  # noqa: E402  (imports lorakit)
 
 
 @pytest.fixture(autouse=True)

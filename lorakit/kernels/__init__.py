@@ -1,1 +1,2 @@
-"""Fused autograd functions for the hot paths (pure PyTorch, device-agnostic)."""
+"""Kernels for the hot paths: the fused LoRA/DoRA linear autograd function (:mod:`.lora_linear`, PyTorch, any
+device) and the grouped multi-adapter Triton kernels for serving on GPUs (:mod:`.grouped`, optional triton)."""

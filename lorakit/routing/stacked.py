@@ -26,6 +26,14 @@ The factors are stored transposed, ``A^T[n, d_in, r_max]`` and ``B^T[n, r_max, d
 reads fastest (2-4x faster on CPU than transposed views of ``A[n, r_max, d_in]``, ``B[n, d_out, r_max]``). Adapters
 of lower rank are zero-padded to the largest rank in the stack (``r_max`` grows, never shrinks).
 
+On a GPU, serving (no autograd) with triton installed, :meth:`SlotStack.apply` runs the Triton kernels of
+:mod:`lorakit.kernels.grouped` instead: Punica's SGMV (prefill) or BGMV (decode), two launches per layer whatever the
+number of adapters, the gather and scatter inside the kernels, each slot computed over its own rank only (the stack
+keeps a per-slot ``ranks`` tensor). Their layout (the batch's tokens sorted by slot, the block table) is computed
+once per batch for every layer, like the plan. :func:`set_kernel_backend` chooses between the two paths; with
+autograd (training, input gradients) the PyTorch product always runs. The kernels are checked against the PyTorch
+product under Triton's interpreter on CPU (tests/test_grouped_kernels.py); their speed on a GPU is not yet measured.
+
 Adapters in slots are the adapter pool's: frozen, never attached to the model as modules, applied only from the
 slots. The same plan and product also serve attached adapters routed per row when each is exactly ``B_eff A_eff``
 (:func:`apply_grouped`: multi-job training, differentiable).
@@ -34,7 +42,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +51,7 @@ from torch import Tensor, nn
 from ..errors import LorakitError
 
 if TYPE_CHECKING:
+    from ..kernels.grouped import GroupedLayout
     from .rows import RowRouting
 
 
@@ -55,10 +64,12 @@ class GridRule:
     max_padding: float
 
 
-# Per device type. CPU: measured (benchmarks/mixed_batch.py and its layer-level skew check; docs/benchmarks.md,
-# "Mixed-adapter batches"): one product pair per large group is faster than padding it. Accelerators: every slot in
-# one grid (one launch pair per layer instead of one per group: a prefill with 16 adapters spent 35% of GPU time in
-# per-group index_select / index_add_, issue 16), padding up to 4x. Not yet measured on a GPU: issue 16 tunes it.
+# Per device type, for the PyTorch product. CPU: measured (benchmarks/mixed_batch.py and its layer-level skew check;
+# docs/benchmarks.md, "Mixed-adapter batches"): one product pair per large group is faster than padding it.
+# Accelerators: every slot in one grid (one launch pair per layer instead of one per group: a prefill with 16 adapters
+# spent 35% of GPU time in per-group index_select / index_add_, issue 16), padding up to 4x. Not measured on a GPU.
+# Serving on a GPU with triton installed takes the Triton kernels instead (set_kernel_backend); this rule then serves
+# the autograd path and GPUs without triton.
 GRID_RULES: dict[str, GridRule] = {"cpu": GridRule(max_tokens=32, max_padding=2.0)}
 ACCELERATOR_RULE = GridRule(max_tokens=math.inf, max_padding=4.0)
 
@@ -66,6 +77,38 @@ ACCELERATOR_RULE = GridRule(max_tokens=math.inf, max_padding=4.0)
 def grid_rule(device: torch.device) -> GridRule:
     """The :class:`GridRule` for ``device``'s type."""
     return GRID_RULES.get(device.type, ACCELERATOR_RULE)
+
+
+Backend = Literal["auto", "torch", "triton"]
+_backend: Backend = "auto"
+
+
+def set_kernel_backend(backend: Backend) -> Backend:
+    """Choose how :meth:`SlotStack.apply` computes the slot products without autograd; returns the previous choice.
+
+    ``"auto"`` (the default): the Triton kernels (:mod:`lorakit.kernels.grouped`) for CUDA inputs when triton is
+    installed, else the PyTorch product. ``"torch"``: always the PyTorch product. ``"triton"``: the kernels on any
+    device (on CPU only under Triton's interpreter: ``TRITON_INTERPRET=1`` set before the kernels are first used; the
+    tests do so). Either way the kernels run only where they apply (float32, float16 or bfloat16; no autograd).
+    """
+    global _backend
+    if backend not in ("auto", "torch", "triton"):
+        raise LorakitError(f"kernel backend {backend!r} is invalid: 'auto', 'torch' or 'triton'")
+    if backend == "triton":
+        from ..kernels import grouped
+        if not grouped.triton_available():
+            raise LorakitError("kernel backend 'triton' needs triton, which is not installed (pip install triton)")
+    previous, _backend = _backend, backend
+    return previous
+
+
+def _kernels_apply(x: Tensor, base_out: Tensor, factors: Tensor) -> bool:
+    """Whether the Triton kernels compute this product (see :func:`set_kernel_backend`)."""
+    if _backend == "torch" or torch.is_grad_enabled() or not (x.is_cuda or _backend == "triton"):
+        return False
+    from ..kernels import grouped  # imported on first use: CPU-only users never import triton
+    return (grouped.triton_available() and base_out.is_contiguous()
+            and grouped.supports(x.dtype, base_out.dtype, factors.dtype))
 
 
 class SlotTable:
@@ -92,6 +135,17 @@ class SlotTable:
         """The batch's :class:`SlotPlan` for rows of ``tokens`` tokens, computed once per batch for every layer."""
         return routing.cached(("plan", id(self), self.version, tokens, device),
                               lambda: plan_rows(routing.names, self.slots, tokens, device))
+
+    def layout(self, routing: RowRouting, tokens: int, device: torch.device) -> GroupedLayout:
+        """The batch's :class:`~lorakit.kernels.grouped.GroupedLayout` for rows of ``tokens`` tokens (each token: its
+        row's slot, or -1), computed once per batch for every layer."""
+        from ..kernels.grouped import make_layout
+
+        def make() -> GroupedLayout:
+            rows = torch.tensor([-1 if n is None else self.slots.get(n, -1) for n in routing.names])
+            return make_layout(rows.repeat_interleave(tokens), device)
+
+        return routing.cached(("layout", id(self), self.version, tokens, device), make)
 
 
 def plan_rows(names: list[str | None], slot_of: dict[str, int], tokens: int, device: torch.device,
@@ -164,6 +218,7 @@ class SlotStack:
         n = table.capacity
         self.a_t = torch.zeros(n, d_in, 0, dtype=like.dtype, device=like.device)  # (n, d_in, r_max)
         self.b_t = torch.zeros(n, 0, d_out, dtype=like.dtype, device=like.device)  # (n, r_max, d_out)
+        self.ranks = torch.zeros(n, dtype=torch.int32, device=like.device)  # each slot's own rank here (0: empty)
 
     @property
     def rank(self) -> int:
@@ -182,6 +237,7 @@ class SlotStack:
         self.b_t[slot].zero_()
         self.a_t[slot, :, :r] = a_eff.t()
         self.b_t[slot, :r] = b_eff.t()
+        self.ranks[slot] = r
         self.members.add(name)
 
     @torch.no_grad()
@@ -191,6 +247,7 @@ class SlotStack:
             slot = self.table.slots[name]
             self.a_t[slot].zero_()
             self.b_t[slot].zero_()
+            self.ranks[slot] = 0
             self.members.discard(name)
 
     def nbytes(self) -> int:
@@ -201,11 +258,19 @@ class SlotStack:
         keep ``base_out``.
 
         Without autograd (serving) the products are added into ``base_out`` in place (the host layer's fresh output;
-        only the routed rows change), saving a copy of the layer's output per kernel."""
+        only the routed rows change), saving a copy of the layer's output per kernel; there the Triton kernels run
+        when :func:`set_kernel_backend` allows it, else :func:`grouped_product`."""
         present = {self.table.slots[n] for n in routing.adapters if n in self.members}
         if not present:
             return base_out
-        plan = self.table.plan(routing, x.numel() // (x.shape[0] * x.shape[-1]), x.device)
+        tokens = x.numel() // (x.shape[0] * x.shape[-1])
+        if _kernels_apply(x, base_out, self.a_t):
+            from ..kernels.grouped import grouped_lora
+            layout = self.table.layout(routing, tokens, x.device)
+            grouped_lora(x.reshape(-1, x.shape[-1]), base_out.view(-1, base_out.shape[-1]), self.a_t, self.b_t,
+                         self.ranks, layout)
+            return base_out
+        plan = self.table.plan(routing, tokens, x.device)
         return grouped_product(x, base_out, self.a_t, self.b_t, plan, present)
 
 
