@@ -150,6 +150,11 @@ class AdapterPool:
         with self._lock:
             return list(self._entries)
 
+    @property
+    def slot_table(self) -> SlotTable:
+        """The slot table shared by every layer's slot stack (which adapter sits in which slot)."""
+        return self._table
+
     def in_slots(self) -> set[str]:
         """Resident adapters held in slot stacks (routable without being attached to the model)."""
         with self._lock:

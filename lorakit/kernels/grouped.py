@@ -223,6 +223,8 @@ if triton is not None:
         as :func:`_sgmv`, as matrix-vector products."""
         m = tl.program_id(0)
         slot = tl.load(token_slot + m).to(tl.int64)
+        if slot < 0:  # a static layout's token without an adapter (lorakit.serve.graphs)
+            return
         rank = tl.load(ranks + slot)
         if EXPAND:
             k_len, n_len = rank, dim

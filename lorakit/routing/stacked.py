@@ -102,13 +102,20 @@ def set_kernel_backend(backend: Backend) -> Backend:
     return previous
 
 
-def _kernels_apply(x: Tensor, base_out: Tensor, factors: Tensor) -> bool:
-    """Whether the Triton kernels compute this product (see :func:`set_kernel_backend`)."""
-    if _backend == "torch" or torch.is_grad_enabled() or not (x.is_cuda or _backend == "triton"):
+def kernels_enabled(device: torch.device) -> bool:
+    """Whether :func:`set_kernel_backend` lets the Triton kernels run on ``device`` and triton is installed."""
+    if _backend == "torch" or not (device.type == "cuda" or _backend == "triton"):
         return False
     from ..kernels import grouped  # imported on first use: CPU-only users never import triton
-    return (grouped.triton_available() and base_out.is_contiguous()
-            and grouped.supports(x.dtype, base_out.dtype, factors.dtype))
+    return grouped.triton_available()
+
+
+def _kernels_apply(x: Tensor, base_out: Tensor, factors: Tensor) -> bool:
+    """Whether the Triton kernels compute this product (see :func:`set_kernel_backend`)."""
+    if torch.is_grad_enabled() or not kernels_enabled(x.device):
+        return False
+    from ..kernels import grouped
+    return base_out.is_contiguous() and grouped.supports(x.dtype, base_out.dtype, factors.dtype)
 
 
 class SlotTable:
@@ -118,6 +125,7 @@ class SlotTable:
         self.capacity = capacity
         self.slots: dict[str, int] = {}
         self.version = 0  # bumped on every change: keys the per-batch slot-id cache
+        self.reallocations = 0  # bumped when a stack's slot tensors are replaced (captured decode graphs read them)
 
     def assign(self, name: str) -> int:
         free = sorted(set(range(self.capacity)) - set(self.slots.values()))
@@ -232,6 +240,7 @@ class SlotStack:
         if grow > 0:
             self.a_t = F.pad(self.a_t, (0, grow))
             self.b_t = F.pad(self.b_t, (0, 0, 0, grow))
+            self.table.reallocations += 1
         slot = self.table.slots[name]
         self.a_t[slot].zero_()
         self.b_t[slot].zero_()

@@ -3,10 +3,11 @@
 Every loop iteration (:meth:`Engine.step`) first admits waiting requests, prefilled together (left-padded, at most
 :data:`PREFILL_TOKENS` padded tokens per forward, each row with its own adapter) and joined to the running batch, then
 runs **one decode step for all running requests together**, each row routed to its own adapter (``lorakit.route``:
-the segment path, or the adapter pool's stacked path when it is installed).
-Requests leave the batch the step they finish, so the batch changes at token granularity (S-LoRA section 3 /
-Orca's iteration-level scheduling). The waiting queue is bounded: :meth:`Engine.submit` raises
-:class:`QueueFullError` rather than letting a burst grow memory without limit.
+the segment path, or the adapter pool's stacked path when it is installed). When every running row's adapter sits in
+an adapter pool's slots and the Triton kernels can run (a GPU), the decode step runs with static shapes and is
+replayed from CUDA graphs (:mod:`.graphs`). Requests leave the batch the step they finish, so the batch changes at
+token granularity (S-LoRA section 3 / Orca's iteration-level scheduling). The waiting queue is bounded:
+:meth:`Engine.submit` raises :class:`QueueFullError` rather than letting a burst grow memory without limit.
 
 Assumptions where the paper leaves it open: first-come first-served admission; a request whose adapter cannot be
 made resident (pool full of adapters in use) waits at the head of the queue; a batched prefill takes the admitted
@@ -29,6 +30,7 @@ from transformers import DynamicCache
 from ..errors import LorakitError
 from ..inject import route
 from .adapters import AdapterSet, AttachedAdapters, UnknownAdapterError
+from .graphs import StaticDecode
 from .handoff import Result
 from .kv import BatchKV
 from .metrics import Metrics
@@ -82,10 +84,13 @@ class Engine:
         max_batch: most requests decoded together.
         max_waiting: most requests waiting for a batch slot; more are refused with :class:`QueueFullError`.
         context: most tokens (prompt + generated) per request (default: the model's ``max_position_embeddings``).
+        graphs: decode with static shapes, captured in CUDA graphs on a GPU (:mod:`.graphs`) when every row's adapter
+            is in an adapter pool's slots; default: on a GPU. ``False``: always the dynamic step.
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, adapters: AdapterSet | None = None, *, max_batch: int = 32,
-                 max_waiting: int = 256, context: int | None = None, metrics: Metrics | None = None) -> None:
+                 max_waiting: int = 256, context: int | None = None, metrics: Metrics | None = None,
+                 graphs: bool | None = None) -> None:
         if max_batch < 1 or max_waiting < 0:
             raise LorakitError(f"max_batch={max_batch} must be >= 1 and max_waiting={max_waiting} >= 0")
         self.model, self.tokenizer = model.eval(), tokenizer
@@ -100,6 +105,9 @@ class Engine:
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []
         self._kv = BatchKV()
+        table = getattr(self.adapters, "slot_table", None)
+        wanted = self.device.type == "cuda" if graphs is None else graphs
+        self._static = StaticDecode(model, table) if wanted and table is not None else None
         self._calls: deque[tuple[Callable[[], Any], Result]] = deque()
         self._ids = itertools.count()
         self._cond = threading.Condition()
@@ -293,16 +301,28 @@ class Engine:
             self._running.extend(chunk[row] for row in going)
 
     def _decode(self) -> None:
-        last = torch.tensor([[r.generated[-1]] for r in self._running], device=self.device)
+        tokens, names = [r.generated[-1] for r in self._running], [r.adapter for r in self._running]
         mask, positions = self._kv.step_inputs()
-        with route(self.model, [r.adapter for r in self._running], self._mixtures):
-            out = self.model(input_ids=last, attention_mask=mask, position_ids=positions,
-                             past_key_values=self._kv.cache, use_cache=True)
+        slots = self._static_slots(names)
+        if slots is not None:
+            logits = self._static.step(self._kv, tokens, slots, mask, positions)
+        else:
+            last = torch.tensor(tokens, device=self.device).unsqueeze(1)
+            with route(self.model, names, self._mixtures):
+                logits = self.model(input_ids=last, attention_mask=mask, position_ids=positions,
+                                    past_key_values=self._kv.cache, use_cache=True).logits[:, -1]
         self._kv.step_done()
-        logits = out.logits[:, -1]
         done = [i for i, request in enumerate(self._running) if self._emit_or_fail(request, logits[i])]
         if done:
             self._remove(done)
+
+    def _static_slots(self, names: list[str | None]) -> list[int] | None:
+        """Each row's pool slot (-1: the base model) when the static decode step applies to these rows, else
+        ``None`` (an adapter attached as a module or a mixture: the dynamic step)."""
+        if self._static is None:
+            return None
+        slots = [-1 if name is None else self._static.table.slots.get(name) for name in names]
+        return slots if self._static.applies(slots) else None
 
     def _remove(self, rows: list[int]) -> None:
         drop = set(rows)

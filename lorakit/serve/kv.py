@@ -115,6 +115,12 @@ class BatchKV:
         self.n = len(rows)
         self._views()
 
+    def reserve_rows(self, rows: int) -> None:
+        """Make the buffers hold at least ``rows`` rows (a static decode step writes its padding rows too)."""
+        if self.layers and rows > self.layers[0].k_buf.shape[0]:
+            self._rebuild(rows, left=self.start)
+            self._views()
+
     def step_inputs(self) -> tuple[Tensor, Tensor]:
         """``(attention_mask, position_ids)`` for one decode step, whose column the layers write at ``end``; call
         :meth:`step_done` after the forward pass."""

@@ -54,6 +54,11 @@ class WithMixtures:
     def names(self) -> list[str]:
         return [*self.inner.names(), *self.mixtures]
 
+    @property
+    def slot_table(self) -> Any:
+        """The inner set's slot table (an adapter pool's), or ``None``."""
+        return getattr(self.inner, "slot_table", None)
+
     def acquire(self, names: Sequence[str]) -> None:
         self.inner.acquire([n for n in names if n not in self.mixtures])
 

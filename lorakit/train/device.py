@@ -57,7 +57,11 @@ def base_dtype(device: torch.device, bf16: bool | None = None) -> torch.dtype:
 
 
 def model_device(model: nn.Module) -> torch.device:
-    """The device of ``model``'s first parameter (the CPU for a model without any)."""
+    """``model.device`` when it has one (transformers and PEFT models, stand-ins such as multi-job training's
+    replayed logits), else the device of its first parameter (the CPU for a model without any)."""
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
     first = next(model.parameters(), None)
     return torch.device("cpu") if first is None else first.device
 

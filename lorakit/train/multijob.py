@@ -134,6 +134,7 @@ class _Replay:
 
     def __init__(self, logits: Tensor) -> None:
         self.logits = logits
+        self.device = logits.device  # where the task moves the batch
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
                 logits_to_keep: int = 0) -> Any:
