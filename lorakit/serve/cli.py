@@ -46,6 +46,9 @@ def serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-registered", type=int, default=256,
                         help="adapters registered at once (kept in host memory); more loads are refused")
     parser.add_argument("--context", type=int, help="most tokens per request (default: the model's)")
+    parser.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=None,
+                        help="decode with static shapes replayed from CUDA graphs when every row's adapter is in the "
+                             "pool's slots (default: on a GPU)")
     parser.add_argument("--log-level", default="warning")
 
 
@@ -73,7 +76,7 @@ def run_serve(args: argparse.Namespace) -> int:
     mixtures = {name: load_served_mixture(model, name, path) for name, path in parse_adapter_specs(args.mixture)}
     adapters = WithMixtures(pool, mixtures) if mixtures else pool
     engine = Engine(model, tokenizer, adapters, max_batch=args.max_batch, max_waiting=args.max_waiting,
-                    context=args.context)
+                    context=args.context, graphs=args.graphs)
     base_name = args.served_model_name or Path(resolve_model(args.model)).name
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
