@@ -12,7 +12,7 @@ LoRA-SB trains only an r x r matrix per layer (LoRA-XS parametrisation), so at t
 parameters; it runs at ``--sb-rank`` (the paper uses larger r for the same reason) and its parameter count is
 printed beside it.
 
-    python benchmarks/convergence.py [--steps 40] [--seeds 3] [--out convergence.json]
+    python benchmarks/convergence.py [--steps 40] [--seeds 3] [--out convergence.json] [--lr PiSSA=5e-4 ...]
 
 Results are appended to ``--out`` as each run ends (a rerun skips the runs already there), and the table is
 printed from that file, so an interrupted benchmark resumes where it stopped.
@@ -20,6 +20,7 @@ printed from that file, so an interrupted benchmark resumes where it stopped.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import tempfile
@@ -110,10 +111,10 @@ def trainable_counts(sb_rank: int) -> dict[str, int]:
     return counts
 
 
-def table(results: list[dict], tail: int) -> str:
+def table(results: list[dict], tail: int, variants: list[Variant] = VARIANTS) -> str:
     lines = ["| variant | lr | seeds | params | loss, first %d steps | loss, last %d steps | held-out acc | "
              "held-out loss |" % (tail, tail), "|---|---|---|---|---|---|---|---|"]
-    for variant in VARIANTS:
+    for variant in variants:
         lr = best_lr(results, variant, tail)
         if lr is None:
             continue
@@ -139,9 +140,13 @@ def main() -> None:
     parser.add_argument("--sb-rank", type=int, default=32)
     parser.add_argument("--tail", type=int, default=10)
     parser.add_argument("--variants", help="comma-separated subset of " + ",".join(v.name for v in VARIANTS))
+    parser.add_argument("--lr", action="append", default=[], metavar="VARIANT=RATE",
+                        help="run VARIANT at RATE only, no grid (e.g. the rate a shorter run's grid chose); repeatable")
     parser.add_argument("--out", type=Path, default=Path("convergence.json"))
     args = parser.parse_args()
-    chosen = [v for v in VARIANTS if args.variants is None or v.name in args.variants.split(",")]
+    fixed = {name: float(rate) for name, _, rate in (spec.partition("=") for spec in args.lr)}
+    chosen = [dataclasses.replace(v, lrs=(fixed[v.name],)) if v.name in fixed else v for v in VARIANTS
+              if args.variants is None or v.name in args.variants.split(",")]
     args.params = trainable_counts(args.sb_rank)
     # the grid on seed 0 for every variant first, then the other seeds at each variant's best rate
     plan = [(v, lr, 0) for v in chosen for lr in v.lrs] + [(v, None, s) for s in range(1, args.seeds) for v in chosen]
@@ -154,7 +159,7 @@ def main() -> None:
             f.write(json.dumps(record) + "\n")
         print(f"{variant.name} lr={lr:g} seed={seed}: last-{args.tail} loss "
               f"{tail_mean(record['losses'], args.tail):.4f}, acc {record['accuracy']:.3f}", flush=True)
-    print(table(load(args.out), args.tail))
+    print(table(load(args.out), args.tail, chosen))
 
 
 if __name__ == "__main__":
