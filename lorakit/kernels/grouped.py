@@ -172,6 +172,14 @@ def _check(x2d: Tensor, out2d: Tensor, a_t: Tensor, b_t: Tensor, ranks: Tensor, 
 
 if triton is not None:
     @triton.jit
+    def _lengths(rank, dim, EXPAND: tl.constexpr):
+        """``(reduced length, output length)``: the shrink reduces ``d_in`` into the slot's rank, the expand reduces
+        the rank into ``d_out``."""
+        if EXPAND:
+            return rank, dim
+        return dim, rank
+
+    @triton.jit
     def _sgmv(src, w, dst, ranks, order, blocks, dim,
               stride_sm, stride_sk, stride_ws, stride_wk, stride_wn, stride_dm, stride_dn,
               EXPAND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -183,11 +191,7 @@ if triton is not None:
         """
         block = tl.program_id(0)
         slot = tl.load(blocks + 3 * block).to(tl.int64)
-        rank = tl.load(ranks + slot)
-        if EXPAND:
-            k_len, n_len = rank, dim
-        else:
-            k_len, n_len = dim, rank
+        k_len, n_len = _lengths(tl.load(ranks + slot), dim, EXPAND)
         n0 = tl.program_id(1) * BLOCK_N
         if n0 >= n_len or k_len == 0:  # a rank tile past this slot's rank, or an empty slot
             return
@@ -225,11 +229,7 @@ if triton is not None:
         slot = tl.load(token_slot + m).to(tl.int64)
         if slot < 0:  # a static layout's token without an adapter (lorakit.serve.graphs)
             return
-        rank = tl.load(ranks + slot)
-        if EXPAND:
-            k_len, n_len = rank, dim
-        else:
-            k_len, n_len = dim, rank
+        k_len, n_len = _lengths(tl.load(ranks + slot), dim, EXPAND)
         n0 = tl.program_id(1) * BLOCK_N
         if n0 >= n_len or k_len == 0:
             return
