@@ -39,8 +39,9 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def make_model_folder(folder: Path) -> Path:
-    """A 2-layer random Llama plus a word-level tokenizer (with a chat template) that knows every test word."""
+def make_model_folder(folder: Path, hidden: int = 32, kv_heads: int = 2) -> Path:
+    """A 2-layer random Llama (4 heads) plus a word-level tokenizer (with a chat template) that knows every test
+    word."""
     words = POSITIVE + NEGATIVE + FILLER + ["positive", "negative", "Text", ":", "Label", "hello", "world"]
     tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -49,8 +50,8 @@ def make_model_folder(folder: Path) -> Path:
                                    eos_token="<eos>")
     fast.chat_template = CHAT_TEMPLATE
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    config = LlamaConfig(vocab_size=len(fast), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=64,
                          pad_token_id=fast.pad_token_id, eos_token_id=fast.eos_token_id, bos_token_id=None)
     LlamaForCausalLM(config).save_pretrained(folder)
     fast.save_pretrained(folder)

@@ -42,9 +42,14 @@ def shard_frozen_base(model: nn.Module, world: World, device: torch.device) -> t
     with torch.no_grad():
         for param in trained:
             param.data = param.data.to(device)
-    for block in transformer_blocks(model):
-        fully_shard(block, mesh=mesh, ignored_params=trained)
-    fully_shard(model, mesh=mesh, ignored_params=trained)
+    try:
+        for block in transformer_blocks(model):
+            fully_shard(block, mesh=mesh, ignored_params=trained)
+        fully_shard(model, mesh=mesh, ignored_params=trained)
+    except AssertionError as err:  # torchao's NF4 split asserts that each inner tensor divides evenly
+        raise TrainingError(f"--fsdp: the quantised base does not split evenly over {world.size} processes ({err}); "
+                            f"use a process count that divides its blocks, or data parallelism (torchrun without "
+                            f"--fsdp)") from err
     frozen = [p for p in model.parameters() if not p.requires_grad]
     return sum(_local(p).numel() for p in frozen), sum(p.numel() for p in frozen)
 

@@ -103,10 +103,13 @@ class Options:
                 raise DataError(f"--method full trains every weight of the model, so {', '.join(given)} cannot "
                                 f"apply (they configure an adapter or a frozen quantised base)")
 
-        if self.fsdp and (self.method in (FULL, *MIXTURES) or self.quant is not None):
-            given = f"--method {self.method}" if self.method in (FULL, *MIXTURES) else f"--quant {self.quant}"
-            raise DataError(f"--fsdp shards a frozen full-precision base under a trained adapter; {given} is not "
-                            f"supported with it (use data parallelism: torchrun without --fsdp)")
+        sharded_quant = self.quant is None or (self.quant == "nf4" and self.quant_backend == "torchao")
+        if self.fsdp and (self.method in (FULL, *MIXTURES) or not sharded_quant):
+            given = (f"--method {self.method}" if self.method in (FULL, *MIXTURES) else
+                     f"--quant {self.quant} --quant-backend {self.quant_backend}")
+            raise DataError(f"--fsdp shards a frozen base (full precision, or NF4 with --quant-backend torchao, whose "
+                            f"tensors FSDP2 can shard) under a trained adapter; {given} is not supported with it "
+                            f"(use data parallelism: torchrun without --fsdp)")
         if self.method in MIXTURES:
             check_mixture_options(self.method, self.method_options, self.experts)
         elif self.experts:
