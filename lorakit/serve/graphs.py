@@ -99,6 +99,7 @@ class StaticDecode:
         self.capture = self.device.type == "cuda" if capture is None else capture
         self._graphs: dict[int, tuple[tuple[Any, ...], Any, Tensor]] = {}
         self._inputs: dict[int, _Inputs] = {}
+        self._pool: Any = None
         self.replays = 0  # steps served from a captured graph
 
     def applies(self, slots: list[int | None]) -> bool:
@@ -160,12 +161,12 @@ class StaticDecode:
 
     def _runner(self, rows: int, inputs: _Inputs, kv: BatchKV) -> Callable[[], Tensor]:
         """The step for this bucket: a captured graph's replay, or the static forward run eagerly."""
-        forward = self._forward(inputs, kv)
         if not self.capture:
-            return forward
+            return self._forward(inputs, kv)
         key = (kv.layers[0].k_buf.data_ptr(), inputs.mask.shape, self.table.reallocations)
         cached = self._graphs.get(rows)
         if cached is None or cached[0] != key:
+            forward = self._forward(inputs, kv)
             try:
                 self._graphs[rows] = (key, *self._capture(forward))
             except RuntimeError:  # e.g. an operation that cannot be captured: run eagerly from now on
@@ -190,7 +191,9 @@ class StaticDecode:
                 forward()
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()  # one memory pool for every bucket's graph
+        with torch.cuda.graph(graph, pool=self._pool):
             out = forward()
         return graph, out
 
