@@ -54,7 +54,7 @@ def variants(steps: int, sora_lambda: float) -> list[Variant]:
         Variant("LoRA r=4", "lora", 4),
         Variant("LoRA r=8", "lora", 8),
         Variant("LoRA r=16", "lora", 16),
-        Variant("SoRA (r=16 start)", "sora", 16, {"sparse_lambda": sora_lambda}),
+        Variant(f"SoRA (r=16 start, λ={sora_lambda:g})", "sora", 16, {"sparse_lambda": sora_lambda}),
         Variant("DyLoRA (r=16, b~U[1,16])", "dylora", 16),
         Variant("IncreLoRA (r=2 -> 8 avg)", "increlora", 2,
                 {"target_r": 8, "grow_every": grow_every, "grow_layers": math.ceil(6 * LAYERS / growths)}),
@@ -147,13 +147,15 @@ def main() -> None:
     parser.add_argument("--eval-size", type=int, default=100)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seeds", type=int, default=1, help="runs per variant, seeds 0..N-1")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="start at this seed (another process may run the earlier ones into the same --out)")
     parser.add_argument("--sora-lambda", type=float, default=30.0,
                         help="SoRA's L1 weight; the gates shrink by lr * lambda per step")
     parser.add_argument("--only", nargs="*", help="run only the variants whose name starts with these")
     parser.add_argument("--out", type=Path, default=Path("rank.json"))
     args = parser.parse_args()
     rows = [json.loads(line) for line in args.out.read_text().splitlines()] if args.out.is_file() else []
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.seeds):
         for variant in variants(args.steps, args.sora_lambda):
             if any(r["variant"] == variant.name and r.get("seed", 0) == seed for r in rows):
                 continue
