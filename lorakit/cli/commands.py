@@ -2,16 +2,14 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
 import torch
 
 from ..analysis.refusal import PROMPTS, refusal_rate
 from ..inject import inspect_targets
 from ..io.adapter_files import load_adapter
-from ..train.device import base_dtype, resolve_device
 from ..train.jobs import finetune_jobs
-from ..train.model import load_model
+from ..train.model import load_model, load_model_on
 from ..train.run import adapter_config, evaluate_adapter, finetune
 from .inspect_analysis import add_analysis_args, run_analysis
 from .options import add_adapter_args, add_data_args, add_model_args, add_train_args, options_from
@@ -50,15 +48,9 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_for(args: argparse.Namespace) -> tuple[Any, Any]:
-    """``(model, tokenizer)`` of ``--model`` on ``--device`` in the dtype ``--bf16`` / the device implies."""
-    device = resolve_device(args.device)
-    return load_model(args.model, base_dtype(device, args.bf16), device=device)
-
-
 def run_refusal(args: argparse.Namespace) -> int:
     """``lorakit eval --refusal``: how often the model refuses the prompt set, before and after the adapter."""
-    model, tokenizer = load_for(args)
+    model, tokenizer = load_model_on(args.model, args.device, args.bf16)
     base = refusal_rate(model, tokenizer)
     print(f"base refusal rate: {base.rate:.0%} of {len(base.refused)} prompts")
     if args.adapter:
@@ -84,7 +76,7 @@ def generate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    model, tokenizer = load_for(args)
+    model, tokenizer = load_model_on(args.model, args.device, args.bf16)
     if args.adapter:
         load_adapter(model, args.adapter, dtype=torch.float32)
     text = args.prompt

@@ -34,6 +34,7 @@ class Codec(ABC):
 
     name: ClassVar[str]
     schemes: ClassVar[tuple[str, ...]]
+    shardable: ClassVar[bool] = False  # its quantised weights implement FSDP2's sharding (``finetune --fsdp``)
 
     def check(self, scheme: str, block: int) -> None:
         require(scheme in self.schemes, "scheme", scheme,
@@ -76,6 +77,7 @@ def _frozen(t: Tensor | None) -> nn.Parameter | None:
 class TorchaoCodec(Codec):
     name = "torchao"
     schemes = ("nf4",)
+    shardable = True  # NF4Tensor splits its codes, scales and factors along dim 0
     SCALER_BLOCKS = (256, 128, 64, 32, 16, 8, 4, 2, 1)
 
     def _nf4(self, w: Tensor, block: int) -> Tensor:

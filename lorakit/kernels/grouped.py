@@ -146,11 +146,10 @@ def _check(x2d: Tensor, out2d: Tensor, a_t: Tensor, b_t: Tensor, ranks: Tensor, 
     """Raise :class:`LorakitError` naming the first argument that does not fit :func:`grouped_lora`."""
     if not triton_available():
         raise LorakitError("the grouped LoRA kernels need triton, which is not installed (pip install triton)")
-    shapes = ", ".join(f"{name} {tuple(t.shape)}" for name, t in
-                       (("x2d", x2d), ("out2d", out2d), ("a_t", a_t), ("b_t", b_t), ("ranks", ranks)))
-
-    def require(ok: bool, rule: str) -> None:
+    def require(ok: bool, rule: str) -> None:  # runs on every layer's call: the message is built only on failure
         if not ok:
+            shapes = ", ".join(f"{name} {tuple(t.shape)}" for name, t in
+                               (("x2d", x2d), ("out2d", out2d), ("a_t", a_t), ("b_t", b_t), ("ranks", ranks)))
             raise LorakitError(f"grouped_lora: {rule}; got {shapes}")
 
     require(x2d.dim() == out2d.dim() == 2 and a_t.dim() == b_t.dim() == 3 and ranks.dim() == 1,
@@ -166,8 +165,9 @@ def _check(x2d: Tensor, out2d: Tensor, a_t: Tensor, b_t: Tensor, ranks: Tensor, 
     require(a_t.dtype == b_t.dtype and supports(x2d.dtype, out2d.dtype, a_t.dtype),
             f"dtypes x2d {x2d.dtype}, out2d {out2d.dtype}, a_t {a_t.dtype}, b_t {b_t.dtype} are not supported "
             "(x2d and out2d: float32, float16 or bfloat16; a_t and b_t: both x2d's dtype or float32)")
-    devices = sorted({str(t.device) for t in (x2d, out2d, a_t, b_t, ranks, layout.order)})
-    require(len(devices) == 1, f"x2d, out2d, a_t, b_t, ranks and the layout must share one device, not {devices}")
+    devices = {t.device for t in (x2d, out2d, a_t, b_t, ranks, layout.order)}
+    require(len(devices) == 1, f"x2d, out2d, a_t, b_t, ranks and the layout must share one device, not "
+                               f"{sorted(map(str, devices))}")
 
 
 if triton is not None:

@@ -40,8 +40,10 @@ slots. The same plan and product also serve attached adapters routed per row whe
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
+from types import ModuleType
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -94,28 +96,32 @@ def set_kernel_backend(backend: Backend) -> Backend:
     global _backend
     if backend not in ("auto", "torch", "triton"):
         raise LorakitError(f"kernel backend {backend!r} is invalid: 'auto', 'torch' or 'triton'")
-    if backend == "triton":
-        from ..kernels import grouped
-        if not grouped.triton_available():
-            raise LorakitError("kernel backend 'triton' needs triton, which is not installed (pip install triton)")
+    if backend == "triton" and not grouped_kernels().triton_available():
+        raise LorakitError("kernel backend 'triton' needs triton, which is not installed (pip install triton)")
     previous, _backend = _backend, backend
     return previous
+
+
+@functools.cache
+def grouped_kernels() -> ModuleType:
+    """:mod:`lorakit.kernels.grouped`, imported on first use (CPU-only users never import triton) and then kept, so
+    a layer's forward pays no import."""
+    from ..kernels import grouped
+    return grouped
 
 
 def kernels_enabled(device: torch.device) -> bool:
     """Whether :func:`set_kernel_backend` lets the Triton kernels run on ``device`` and triton is installed."""
     if _backend == "torch" or not (device.type == "cuda" or _backend == "triton"):
         return False
-    from ..kernels import grouped  # imported on first use: CPU-only users never import triton
-    return grouped.triton_available()
+    return grouped_kernels().triton_available()
 
 
 def _kernels_apply(x: Tensor, base_out: Tensor, factors: Tensor) -> bool:
     """Whether the Triton kernels compute this product (see :func:`set_kernel_backend`)."""
     if torch.is_grad_enabled() or not kernels_enabled(x.device):
         return False
-    from ..kernels import grouped
-    return base_out.is_contiguous() and grouped.supports(x.dtype, base_out.dtype, factors.dtype)
+    return base_out.is_contiguous() and grouped_kernels().supports(x.dtype, base_out.dtype, factors.dtype)
 
 
 class SlotTable:
@@ -147,11 +153,9 @@ class SlotTable:
     def layout(self, routing: RowRouting, tokens: int, device: torch.device) -> GroupedLayout:
         """The batch's :class:`~lorakit.kernels.grouped.GroupedLayout` for rows of ``tokens`` tokens (each token: its
         row's slot, or -1), computed once per batch for every layer."""
-        from ..kernels.grouped import make_layout
-
         def make() -> GroupedLayout:
             rows = torch.tensor([-1 if n is None else self.slots.get(n, -1) for n in routing.names])
-            return make_layout(rows.repeat_interleave(tokens), device)
+            return grouped_kernels().make_layout(rows.repeat_interleave(tokens), device)
 
         return routing.cached(("layout", id(self), self.version, tokens, device), make)
 
@@ -274,10 +278,9 @@ class SlotStack:
             return base_out
         tokens = x.numel() // (x.shape[0] * x.shape[-1])
         if _kernels_apply(x, base_out, self.a_t):
-            from ..kernels.grouped import grouped_lora
             layout = self.table.layout(routing, tokens, x.device)
-            grouped_lora(x.reshape(-1, x.shape[-1]), base_out.view(-1, base_out.shape[-1]), self.a_t, self.b_t,
-                         self.ranks, layout)
+            grouped_kernels().grouped_lora(x.reshape(-1, x.shape[-1]), base_out.view(-1, base_out.shape[-1]),
+                                           self.a_t, self.b_t, self.ranks, layout)
             return base_out
         plan = self.table.plan(routing, tokens, x.device)
         return grouped_product(x, base_out, self.a_t, self.b_t, plan, present)

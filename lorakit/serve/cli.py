@@ -14,8 +14,7 @@ import socket
 from pathlib import Path
 
 from ..errors import LorakitError
-from ..train.device import base_dtype, resolve_device
-from ..train.model import load_model, resolve_model
+from ..train.model import load_model_on, resolve_model
 from .engine import Engine
 from .mixtures import WithMixtures, load_served_mixture
 
@@ -68,8 +67,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from ..pool import AdapterPool
     from .server import create_app
 
-    device = resolve_device(args.device)
-    model, tokenizer = load_model(args.model, base_dtype(device, args.bf16), device=device)
+    model, tokenizer = load_model_on(args.model, args.device, args.bf16)
     pool = AdapterPool(model, capacity=args.max_resident, max_registered=args.max_registered)
     for name, path in parse_adapter_specs(args.adapter):
         pool.register(name, path)

@@ -32,7 +32,7 @@ from transformers import Cache
 from transformers.cache_utils import DynamicLayer
 
 from ..inject import using
-from ..routing.stacked import SlotTable
+from ..routing.stacked import SlotTable, grouped_kernels
 from ..routing.strategy import Host, Routing
 from .kv import BatchKV
 
@@ -68,12 +68,11 @@ class SlotRouting(Routing):
         self.layout = layout
 
     def forward(self, host: Host, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        from ..kernels.grouped import grouped_lora
-
         out = host.base_layer(x, *args, **kwargs)
         if host.stack is not None:
-            grouped_lora(x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1]), host.stack.a_t, host.stack.b_t,
-                         host.stack.ranks, self.layout)
+            stack = host.stack
+            grouped_kernels().grouped_lora(x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1]), stack.a_t,
+                                           stack.b_t, stack.ranks, self.layout)
         return out
 
 
@@ -120,12 +119,11 @@ class StaticDecode:
         return run()[:n, -1]
 
     def _new_inputs(self, rows: int) -> _Inputs:
-        from ..kernels.grouped import GroupedLayout
-
         on = {"device": self.device}
-        layout = GroupedLayout(tokens=rows, slots=0, order=torch.arange(rows, dtype=torch.int32, **on),
-                               token_slot=torch.full((rows,), -1, dtype=torch.int32, **on),
-                               blocks=torch.zeros(0, 3, dtype=torch.int32, **on), decode=True)
+        layout = grouped_kernels().GroupedLayout(
+            tokens=rows, slots=0, order=torch.arange(rows, dtype=torch.int32, **on),
+            token_slot=torch.full((rows,), -1, dtype=torch.int32, **on),
+            blocks=torch.zeros(0, 3, dtype=torch.int32, **on), decode=True)
         inputs = _Inputs(torch.zeros(rows, 1, dtype=torch.long, **on), torch.zeros(rows, 1, dtype=torch.long, **on),
                          torch.zeros(0, **on), torch.zeros(1, dtype=torch.long, **on), SlotRouting(layout))
         self._inputs[rows] = inputs

@@ -30,11 +30,10 @@ from ..hooks import training_hooks
 from ..inject import disable, set_active
 from ..quant.model import quantize
 from .checkpoint import METRICS_FILE, MetricsLog, prepare_output, start_run
-from .device import base_dtype, resolve_device
 from .errors import DataError, TrainingError
 from .evaluate import evaluate
 from .mixture import MIXTURES
-from .model import load_model
+from .model import load_model_on
 from .multijob import Job, JobCallback, MultiJobTrainer, add_job_adapter
 from .plot import plot_loss
 from .run import (
@@ -151,8 +150,7 @@ def finetune_jobs(path: str | Path, defaults: Options = DEFAULTS,
         prepare_output(spec.output, _settings(spec, Path(path)), resume=False, overwrite=spec.options.overwrite)
     records = [records_of(spec.options) for spec in specs]  # bad data fails before the model loads
     first = specs[0].options
-    device = resolve_device(first.device)
-    model, tokenizer = load_model(first.model, base_dtype(device, first.bf16), device=device)
+    model, tokenizer = load_model_on(first.model, first.device, first.bf16)
     if first.quant is not None:
         quantize(model, first.quant, first.quant_backend)
     jobs: list[Job] = []

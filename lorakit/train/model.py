@@ -10,6 +10,7 @@ from torch import nn
 
 from ..compress.model import COMPRESSION_FILE, load_compressed
 from .default import cache_dir, convert_gguf, default_model_dir
+from .device import base_dtype, resolve_device
 from .errors import DataError
 
 
@@ -52,3 +53,11 @@ def load_model(model: str | None, dtype: torch.dtype = torch.float32, *, meta: b
     if device is not None and not meta:
         net.to(device)
     return net.eval(), load_tokenizer(folder)
+
+
+def load_model_on(model: str | None, device: str, bf16: bool | None, *, place: bool = True) -> tuple[nn.Module, Any]:
+    """:func:`load_model` for ``--device`` / ``--bf16``: the base in the dtype the device implies (see
+    :func:`~lorakit.train.device.base_dtype`), placed on the device unless ``place`` is false (``--fsdp`` shards it
+    there later)."""
+    on = resolve_device(device)
+    return load_model(model, base_dtype(on, bf16), device=on if place else None)

@@ -103,13 +103,14 @@ class Options:
                 raise DataError(f"--method full trains every weight of the model, so {', '.join(given)} cannot "
                                 f"apply (they configure an adapter or a frozen quantised base)")
 
-        sharded_quant = self.quant is None or (self.quant == "nf4" and self.quant_backend == "torchao")
+        sharded_quant = self.quant is None or CODECS.get(self.quant_backend).shardable
         if self.fsdp and (self.method in (FULL, *MIXTURES) or not sharded_quant):
             given = (f"--method {self.method}" if self.method in (FULL, *MIXTURES) else
                      f"--quant {self.quant} --quant-backend {self.quant_backend}")
-            raise DataError(f"--fsdp shards a frozen base (full precision, or NF4 with --quant-backend torchao, whose "
-                            f"tensors FSDP2 can shard) under a trained adapter; {given} is not supported with it "
-                            f"(use data parallelism: torchrun without --fsdp)")
+            shardable = [n for n in CODECS.names() if CODECS.get(n).shardable]
+            raise DataError(f"--fsdp shards a frozen base (full precision, or quantised by a backend whose tensors "
+                            f"FSDP2 can shard: {', '.join(shardable)}) under a trained adapter; {given} is not "
+                            f"supported with it (use data parallelism: torchrun without --fsdp)")
         if self.method in MIXTURES:
             check_mixture_options(self.method, self.method_options, self.experts)
         elif self.experts:

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..config import ALL_LINEAR
 from ..hooks import TrainingHook, training_hooks
-from ..hosts.host import hosts
+from ..hosts.host import adapters_named
 from ..init import INITS
 from ..inject import adapt, disable
 from ..io.adapter_files import adapter_tensors, load_adapter
@@ -29,13 +29,13 @@ from . import default
 from .checkpoint import METRICS_FILE, MetricsLog, prepare_output, start_run
 from .data import Record, read_records, split
 from .ddp import World, close_world, init_world
-from .device import base_dtype, resolve_device
+from .device import resolve_device
 from .errors import DataError
 from .evaluate import describe, evaluate, majority_rate
 from .fsdp import shard_frozen_base
 from .loop import Callback, TrainConfig, Trainer
 from .mixture import MIXTURES, build_mixture, load_run_mixture, mixture_hooks
-from .model import load_model
+from .model import load_model_on
 from .options import DEFAULT_STEPS, Options
 from .plot import plot_loss
 from .tasks import CausalLMTask, ClassificationTask, Example, SFTTask, Task
@@ -114,8 +114,7 @@ def prepare(opts: Options) -> Prepared:
     with ``--fsdp`` into host memory, sharded onto the device later), read and tokenize the data, and split off the
     held-out examples."""
     records = records_of(opts)
-    device = resolve_device(opts.device)
-    model, tokenizer = load_model(opts.model, base_dtype(device, opts.bf16), device=None if opts.fsdp else device)
+    model, tokenizer = load_model_on(opts.model, opts.device, opts.bf16, place=not opts.fsdp)
     if quantize_first(opts):
         quantize(model, opts.quant, opts.quant_backend)
     return Prepared(model, *prepare_data(opts, tokenizer, records))
@@ -251,7 +250,7 @@ def _shard(prepared: Prepared, opts: Options, world: World) -> None:
     if not world.distributed:
         raise DataError("--fsdp shards the base over the processes torchrun starts (torchrun --nproc-per-node N -m "
                         "lorakit finetune --fsdp ...); in one process drop --fsdp")
-    if any(getattr(a, "rewrites_base", False) for host in hosts(prepared.model) for a in host.adapters.values()):
+    if any(adapter.rewrites_base for _, adapter in adapters_named(prepared.model, "default")):
         raise DataError(f"--fsdp: --init {opts.init} rewrote the base weights, so the base model can no longer be "
                         f"measured before training; drop --fsdp or use an initialiser that keeps the base")
     held, total = shard_frozen_base(prepared.model, world, resolve_device(opts.device))
