@@ -186,6 +186,16 @@ def report(title: str, metrics: dict[str, float]) -> dict[str, float]:
     return metrics
 
 
+def at_least(low: float, kind: type = float):
+    """An argparse ``type`` reading a ``kind`` that must be ``>= low`` (a clear usage error otherwise)."""
+    def parse(text: str):
+        value = kind(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    return parse
+
+
 def example_parser(doc: str) -> argparse.ArgumentParser:
     """The options every example takes: ``--smoke`` (tiny sizes, CI) and ``--seed``."""
     parser = argparse.ArgumentParser(description=doc.split("\n")[0])

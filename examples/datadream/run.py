@@ -29,7 +29,7 @@ from transformers import CLIPModel
 import lorakit
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _diffusion import Diffusion, Prompts, clip_config, draw, example_parser, fit, pick, report, tiny_unet  # noqa: E402
+from _diffusion import Diffusion, Prompts, at_least, clip_config, draw, example_parser, fit, pick, report, tiny_unet  # noqa: E402
 
 CLASSES = ("ring", "cross", "stripes", "checker")
 VOCAB = 16  # the classifier's text vocabulary; its last token ends a prompt
@@ -68,10 +68,8 @@ def train_classifier(images: Tensor, labels: Tensor, test: Tensor, test_labels: 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = example_parser(__doc__)
-    parser.add_argument("--shots", type=int, default=2, help="real images per class")
+    parser.add_argument("--shots", type=at_least(1, int), default=2, help="real images per class")
     args = parser.parse_args(argv)
-    if args.shots < 1:
-        parser.error(f"--shots must be >= 1, got {args.shots}")
     smoke = args.smoke
     size, pre_steps, lora_steps, per_class, sample_steps, clf_steps = (
         (8, 10, 15, 16, 4, 25) if smoke else (16, 400, 200, 64, 20, 300))

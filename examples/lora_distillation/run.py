@@ -35,6 +35,7 @@ from _diffusion import (  # noqa: E402
     SHAPES,
     Diffusion,
     Prompts,
+    at_least,
     colours_of,
     draw,
     example_parser,
@@ -71,10 +72,8 @@ def parameter_storages(model: torch.nn.Module, run: Callable[[], object]) -> dic
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = example_parser(__doc__)
-    parser.add_argument("--guidance", type=float, default=3.0, help="the teacher's guidance weight w")
+    parser.add_argument("--guidance", type=at_least(0.0), default=3.0, help="the teacher's guidance weight w")
     args = parser.parse_args(argv)
-    if args.guidance < 0:
-        parser.error(f"--guidance must be >= 0, got {args.guidance}")
     smoke = args.smoke
     size, pre_steps, distil_steps, batch = (8, 15, 20, 8) if smoke else (16, 300, 300, 16)
     torch.manual_seed(args.seed)

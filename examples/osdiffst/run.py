@@ -30,7 +30,7 @@ from transformers import CLIPVisionModel
 import lorakit
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _diffusion import SHAPES, Diffusion, clip_config, draw, example_parser, fit, pick, report, tiny_unet  # noqa: E402
+from _diffusion import SHAPES, Diffusion, at_least, clip_config, draw, example_parser, fit, pick, report, tiny_unet  # noqa: E402
 
 T_STAR = 500
 
@@ -62,10 +62,8 @@ def nearest_rate(scores: Tensor) -> float:
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = example_parser(__doc__)
-    parser.add_argument("--structure-weight", type=float, default=1.0, help="lambda of the structure loss")
+    parser.add_argument("--structure-weight", type=at_least(0.0), default=1.0, help="lambda of the structure loss")
     args = parser.parse_args(argv)
-    if args.structure_weight < 0:
-        parser.error(f"--structure-weight must be >= 0, got {args.structure_weight}")
     smoke = args.smoke
     size, pre_steps, lora_steps, batch = (8, 15, 30, 8) if smoke else (16, 300, 300, 16)
     torch.manual_seed(args.seed)
