@@ -80,7 +80,16 @@ from lorakit.train.default import default_records
 from lorakit.train.evaluate import evaluate
 from lorakit.train.loop import Trainer
 from lorakit.train.model import load_model
-from lorakit.train.run import Options, adapter_config, finetune, prepare, prepare_data, records_of, train_config
+from lorakit.train.run import (
+    Options,
+    Prepared,
+    adapter_config,
+    finetune,
+    prepare,
+    prepare_data,
+    records_of,
+    train_config,
+)
 from lorakit.train.steps import AdapterSteps, TrainConfig
 from lorakit.train.tasks import IGNORE, CausalLMTask, Example, Task
 
@@ -378,6 +387,13 @@ def colora_rows(bench: Bench) -> list[Row]:
                    probe_s=probe_s)]
 
 
+def seeded_prepare(setup: Setup) -> tuple[Options, Prepared]:
+    """The setup's options and its model, tokenizer and split, loaded after seeding with its seed."""
+    opts = setup.options()
+    torch.manual_seed(opts.seed)
+    return opts, prepare(opts)
+
+
 def ggpo_rows(bench: Bench) -> list[Row]:
     run = finetune_run(bench.setup, hooks=[GgpoHook(alpha=0.05, beta=0.01, seed=bench.setup.seed)])
     base = bench.lora()
@@ -387,10 +403,8 @@ def ggpo_rows(bench: Bench) -> list[Row]:
 
 def pego_rows(bench: Bench) -> list[Row]:
     setup = bench.setup
-    opts = setup.options()
     started = time.perf_counter()
-    torch.manual_seed(opts.seed)
-    prepared = prepare(opts)
+    opts, prepared = seeded_prepare(setup)
     half = adapter_config(opts).replace(r=opts.rank // 2, alpha=opts.alpha / 2)  # same scale 2, same parameters
     names = ["default", "pego1"]
     for name in names:
@@ -411,9 +425,7 @@ def pego_rows(bench: Bench) -> list[Row]:
 
 def int21_rows(bench: Bench) -> list[Row]:
     setup = bench.setup
-    opts = setup.options()
-    torch.manual_seed(opts.seed)
-    prepared = prepare(opts)
+    opts, prepared = seeded_prepare(setup)
     model, task, held_out = prepared.model, prepared.task, prepared.held_out
 
     def scores(desc: str) -> tuple[float, float, float]:
@@ -546,10 +558,8 @@ def sltrain_rows(bench: Bench) -> list[Row]:
 
 def loram_rows(bench: Bench) -> list[Row]:
     setup = bench.setup
-    opts = setup.options()
     started = time.perf_counter()
-    torch.manual_seed(opts.seed)
-    prepared = prepare(opts)
+    opts, prepared = seeded_prepare(setup)
     small, prune_map = prune_mlp_channels(prepared.model, setup.loram_ratio)
     lorakit.adapt(small, adapter_config(opts), dtype=torch.float32)
     torch.manual_seed(opts.seed)
