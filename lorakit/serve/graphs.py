@@ -135,11 +135,10 @@ class StaticDecode:
         rows = inputs.ids.shape[0]
         if inputs.mask.shape != (rows, 1, 1, columns):  # the buffers grew: a new mask (and graph)
             inputs.mask = torch.empty(rows, 1, 1, columns, dtype=self.dtype, device=self.device)
-        blocked = torch.finfo(self.dtype).min
-        live = torch.full((rows, columns), blocked, dtype=self.dtype, device=self.device)
-        live[:n, kv.start : kv.end + 1] = torch.where(mask.bool(), 0.0, blocked)
-        live[n:, kv.end] = 0.0  # padding rows attend to their own column only
-        inputs.mask.copy_(live.view(rows, 1, 1, columns))
+        additive = inputs.mask.view(rows, columns)  # written in place: a captured graph reads this storage
+        additive.fill_(torch.finfo(self.dtype).min)
+        additive[:n, kv.start : kv.end + 1].masked_fill_(mask.bool(), 0.0)
+        additive[n:, kv.end] = 0.0  # padding rows attend to their own column only
         inputs.ids.zero_()[:n, 0] = torch.tensor(tokens, device=self.device)
         inputs.positions.zero_()[:n] = positions
         inputs.column.fill_(kv.end)
